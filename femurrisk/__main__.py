@@ -1,0 +1,5 @@
+import sys
+
+from femurrisk.cli import main
+
+sys.exit(main())

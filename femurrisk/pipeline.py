@@ -1,0 +1,160 @@
+"""One CT in, per-side fracture risk with Grad-CAM out.
+
+Steps, each in its own module: loading -> canonical RAS+ frame -> landmark U-Net ->
+per-side crops -> bone window -> classifier -> Grad-CAM. Models load once per
+:class:`Predictor`; :meth:`Predictor.predict` is safe to call for many scans.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import numpy as np
+
+from femurrisk import __version__, registry
+from femurrisk.classification import Classifier, network_input, to_batch
+from femurrisk.cropping import metal_volume_mm3, side_crop, to_network_orientation
+from femurrisk.explanation import gradcam, normalize_jointly
+from femurrisk.geometry import CROP_SLICES, METAL_MIN_VOLUME_MM3
+from femurrisk.landmark import LandmarkFinder, nearest_slice
+from femurrisk.loading import load_ct
+from femurrisk.prediction import (
+    DECISION_HIGH, DECISION_IMPLANT, DECISION_LOW, SIDES, Landmarks, Prediction, SideResult,
+)
+from femurrisk.preprocessing import to_canonical
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+
+class Predictor:
+    """Holds the landmark U-Net and the classifier, loaded once on one device."""
+
+    def __init__(
+        self, device: str | None = None, classifier: str = registry.DEFAULT_CLASSIFIER
+    ) -> None:
+        self.device = registry.choose_device(device)
+        self.landmarks = LandmarkFinder(self.device)
+        self.classifier = Classifier(self.device, classifier)
+        logger.info("models loaded on %s (classifier %s)", self.device, classifier)
+
+    def model_info(self) -> dict:
+        meta = self.classifier.metadata
+        return {
+            "classifier": self.classifier.name,
+            "classifier_weights_sha256": registry.sha256(self.classifier.weights_path),
+            "landmark_weights_sha256": registry.sha256(registry.landmark_weights_path()),
+            "threshold": self.classifier.threshold,
+            "logit_offset": self.classifier.logit_offset,
+            "trained_on": meta.get("trained_on", "unknown"),
+            "research_demo": True,
+            "femurrisk_version": __version__,
+        }
+
+    def predict(
+        self, source, *, landmark_z_mm: float | None = None,
+        progress: Progress | None = None, series_uid: str | None = None,
+    ) -> Prediction:
+        """Run the whole pipeline on a CT.
+
+        Args:
+            source: Whatever :func:`femurrisk.loading.load_ct` accepts.
+            landmark_z_mm: World z (RAS+ mm) of the AIIS level set by hand; when given,
+                the network's level is replaced and the result says so.
+            progress: Optional callback ``(fraction, message)``.
+            series_uid: DICOM series to use when the upload holds several.
+
+        Raises:
+            InputError: If the input cannot be read or holds no pelvis.
+        """
+        report = progress or (lambda fraction, message: None)
+        timings: dict[str, float] = {}
+
+        @contextmanager
+        def step(name: str, fraction: float, message: str):
+            report(fraction, message)
+            start = time.perf_counter()
+            yield
+            timings[name] = round(time.perf_counter() - start, 3)
+
+        with step("load", 0.0, "Reading the CT"):
+            loaded = load_ct(source, series_uid=series_uid) if series_uid else load_ct(source)
+            image = to_canonical(loaded.image)
+        warnings = list(loaded.warnings)
+
+        with step("landmark", 0.2, "Finding the AIIS landmark"):
+            landmarks, found_warnings = self.landmarks.find(image)
+            warnings += found_warnings
+            if landmark_z_mm is not None:
+                landmarks = _manual(landmarks, image, float(landmark_z_mm))
+                warnings.append("The landmark slice was set manually.")
+
+        with step("crop", 0.5, "Cropping both femurs"):
+            crops = {
+                side: side_crop(
+                    image, side, np.array(landmarks.femoral_head_world_mm[side]),
+                    landmarks.world_z_mm,
+                )
+                for side in SIDES
+            }
+            inputs = {side: network_input(crops[side].volume_hu, side) for side in SIDES}
+            for side in SIDES:
+                if crops[side].padded_slices:
+                    warnings.append(
+                        f"The scan ends {crops[side].padded_slices} of {CROP_SLICES} slices "
+                        f"too early for the {side} crop; those slices were filled with air, "
+                        "so the distal part of the femur was not seen."
+                    )
+
+        with step("classify", 0.65, "Scoring both femurs"):
+            batch = to_batch([inputs[side] for side in SIDES])
+            probabilities = self.classifier.probabilities(batch)
+
+        with step("gradcam", 0.8, "Computing Grad-CAM"):
+            maps = gradcam(self.classifier.model, self.classifier.gradcam_layer,
+                           batch.to(self.device))
+            # Back to each crop's own orientation (mirroring is its own inverse).
+            maps = [to_network_orientation(m, side) for m, side in zip(maps, SIDES)]
+            maps = normalize_jointly(maps)
+
+        sides = {}
+        for index, side in enumerate(SIDES):
+            metal = metal_volume_mm3(crops[side])
+            implant = metal >= METAL_MIN_VOLUME_MM3
+            probability = float(probabilities[index])
+            if implant:
+                decision = DECISION_IMPLANT
+            elif probability >= self.classifier.threshold:
+                decision = DECISION_HIGH
+            else:
+                decision = DECISION_LOW
+            sides[side] = SideResult(
+                side=side, probability=probability, decision=decision, scored=not implant,
+                implant_detected=bool(implant), metal_volume_mm3=metal,
+                padded_slices=crops[side].padded_slices, crop_hu=crops[side].volume_hu,
+                crop_affine=crops[side].affine, network_input=inputs[side],
+                heatmap=np.ascontiguousarray(maps[index]),
+            )
+        report(1.0, "Done")
+        zooms = tuple(float(z) for z in loaded.image.header.get_zooms()[:3])
+        return Prediction(
+            sides=sides, landmarks=landmarks, threshold=self.classifier.threshold,
+            input_description=loaded.description, input_kind=loaded.kind,
+            input_shape=tuple(int(s) for s in loaded.image.shape),
+            input_spacing_mm=zooms, model=self.model_info(), warnings=warnings,
+            timings_s=timings, device=str(self.device), image=image,
+            input_affine=np.asarray(loaded.image.affine),
+        )
+
+
+def _manual(found: Landmarks, image, z_mm: float) -> Landmarks:
+    """The network's landmarks with the level replaced by a hand-set one."""
+    return Landmarks(
+        world_z_mm=z_mm, slice_index=nearest_slice(image, z_mm),
+        aiis_world_mm=found.aiis_world_mm,
+        femoral_head_world_mm=found.femoral_head_world_mm, method="manual",
+    )
