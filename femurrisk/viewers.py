@@ -82,9 +82,8 @@ def slice_world_z_mm(affine: np.ndarray, n_slices: int) -> list[float]:
 
 
 def _to_uint8(values: np.ndarray, scale: float) -> np.ndarray:
-    return np.clip(np.rint(np.asarray(values, dtype=np.float32) * scale), 0, 255).astype(
-        np.uint8
-    )
+    scaled = np.rint(np.asarray(values, dtype=np.float32) * scale)
+    return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
 def _check_viewer_args(
@@ -121,16 +120,18 @@ def _display_order(n_slices: int, slice_labels_mm: Sequence[float] | None) -> li
 
 def _edge_labels() -> list[dict]:
     """R, L, A and P written just outside the image's edges."""
-    common = {"showarrow": False, "font": _EDGE_FONT}
+    common = {"showarrow": False, "font": _EDGE_FONT, "xref": "x domain",
+              "yref": "y domain"}
+    edges = [  # text, x, y, xanchor, yanchor, meaning
+        ("R", -0.02, 0.5, "right", "middle", "patient's right"),
+        ("L", 1.02, 0.5, "left", "middle", "patient's left"),
+        ("A", 0.5, 1.01, "center", "bottom", "anterior"),
+        ("P", 0.5, -0.01, "center", "top", "posterior"),
+    ]
     return [
-        {"text": "R", "x": -0.02, "y": 0.5, "xanchor": "right", "yanchor": "middle",
-         "xref": "x domain", "yref": "y domain", "hovertext": "patient's right", **common},
-        {"text": "L", "x": 1.02, "y": 0.5, "xanchor": "left", "yanchor": "middle",
-         "xref": "x domain", "yref": "y domain", "hovertext": "patient's left", **common},
-        {"text": "A", "x": 0.5, "y": 1.01, "xanchor": "center", "yanchor": "bottom",
-         "xref": "x domain", "yref": "y domain", "hovertext": "anterior", **common},
-        {"text": "P", "x": 0.5, "y": -0.01, "xanchor": "center", "yanchor": "top",
-         "xref": "x domain", "yref": "y domain", "hovertext": "posterior", **common},
+        {"text": text, "x": x, "y": y, "xanchor": xa, "yanchor": ya,
+         "hovertext": meaning, **common}
+        for text, x, y, xa, ya, meaning in edges
     ]
 
 
@@ -276,7 +277,8 @@ def side_summary_markdown(result: SideResult, threshold: float) -> str:
         lines.append(f"Probability of pathologic fracture within 3 months: "
                      f"**{format_probability(result.probability)}**")
         lines.append(f"Decision at the model's threshold "
-                     f"({format_probability(threshold)}): {emphasis}**{result.decision}**")
+                     f"({format_probability(threshold)}): "
+                     f"{emphasis}**{result.decision}**")
     if result.padded_slices:
         lines.append(f"{result.padded_slices} of the crop's slices lay outside the "
                      "scan and were filled with air.")
@@ -293,11 +295,12 @@ def landmark_summary_markdown(landmarks: Landmarks) -> str:
         One short paragraph; says when a side's AIIS was not found or the level was
         set by hand.
     """
-    how = "set by hand" if landmarks.method == "manual" else "found by the landmark network"
+    manual = landmarks.method == "manual"
+    how = "set by hand" if manual else "found by the landmark network"
     text = (f"AIIS level {how}: world z = {landmarks.world_z_mm:.1f} mm (RAS+), "
             f"input slice {landmarks.slice_index}.")
     missing = [s for s in SIDES if landmarks.aiis_world_mm.get(s) is None]
-    if landmarks.method != "manual" and missing:
+    if not manual and missing:
         text += (f" The {' and '.join(missing)} AIIS was not found; the level comes "
                  "from the other side.")
     return text
