@@ -272,6 +272,9 @@ def side_summary_markdown(result: SideResult, threshold: float) -> str:
         lines.append(f"**{DECISION_IMPLANT}** (metal: "
                      f"{result.metal_volume_mm3:.0f} mm³); the model does not cover "
                      "femurs with implants.")
+        lines.append(f"Raw model output {format_probability(result.probability)}, "
+                     "shown for reference only: it is not a risk estimate for this "
+                     "femur.")
     else:
         emphasis = "⚠️ " if result.decision == DECISION_HIGH else ""
         lines.append(f"Probability of pathologic fracture within 3 months: "
