@@ -125,7 +125,8 @@ class _Series:
     def name(self) -> str:
         """Series number and description, for messages (never an identifier)."""
         plane = "axial" if self.is_axial else "non-axial"
-        return f"series {self.number} '{self.label}' ({len(self.slices)} {plane} images)"
+        count = len(self.slices)
+        return f"series {self.number} '{self.label}' ({count} {plane} images)"
 
 
 @dataclass
@@ -187,7 +188,7 @@ def read_ct_series(files: Sequence[Path], series_uid: str | None = None) -> Dico
     return DicomVolume(volume, affine, description, warnings)
 
 
-# --- survey: which files are CT slices ----------------------------------------------
+# --- survey: which files are CT slices ------------------------------------------------
 
 
 def _survey(files: Sequence[Path]) -> _Survey:
@@ -202,7 +203,8 @@ def _survey(files: Sequence[Path]) -> _Survey:
         try:
             slices = _slices_of(path, ds)
         except _NotHounsfield as exc:
-            survey.skipped[f"CT image in '{exc}' units instead of HU"] += 1
+            label = f"CT image with values not in HU (Rescale Type '{exc}')"
+            survey.skipped[label] += 1
             continue
         except (AttributeError, KeyError, IndexError, TypeError, ValueError):
             survey.skipped["CT image without usable geometry"] += 1
@@ -339,10 +341,12 @@ def _floats(value, count: int) -> np.ndarray:
     return numbers
 
 
-# --- choosing the series ----------------------------------------------------------------
+# --- choosing the series --------------------------------------------------------------
 
 
-def _choose_series(survey: _Survey, series_uid: str | None) -> tuple[_Series, list[str]]:
+def _choose_series(
+    survey: _Survey, series_uid: str | None
+) -> tuple[_Series, list[str]]:
     """Apply the selection rule of :func:`read_ct_series`; warn about the rest."""
     candidates = sorted(survey.series.values(), key=lambda s: -len(s.slices))
     if not candidates:
@@ -363,7 +367,9 @@ def _choose_series(survey: _Survey, series_uid: str | None) -> tuple[_Series, li
 
     warnings = []
     if not series.is_axial:
-        warnings.append(f"No axial CT series found; using the non-axial {series.name()}.")
+        warnings.append(
+            f"No axial CT series found; using the non-axial {series.name()}."
+        )
     others = [s for s in candidates if s is not series]
     if others:
         warnings.append(
@@ -388,13 +394,18 @@ def _nothing_found_message(skipped: Counter) -> str:
 
 
 def _count_phrase(counter: Counter) -> str:
+    """'3 non-DICOM files, 1 localizer (scout) image' from label counts."""
     parts = []
     for label, count in counter.most_common():
-        parts.append(f"{count} {label}" + ("s" if count > 1 and label[-1] != "s" else ""))
+        noun, detail = (label.split(" with ", 1) + [""])[:2]
+        noun += "s" if count > 1 else ""
+        parts.append(f"{count} {noun}" + (f" with {detail}" if detail else ""))
     return ", ".join(parts)
 
 
-def _drop_duplicate_instances(slices: list[_Slice], warnings: list[str]) -> list[_Slice]:
+def _drop_duplicate_instances(
+    slices: list[_Slice], warnings: list[str]
+) -> list[_Slice]:
     """Keep one copy of each SOP instance (and frame); the same file sent twice."""
     unique = {(s.instance_uid, s.frame): s for s in slices}
     if len(unique) < len(slices):
@@ -404,7 +415,7 @@ def _drop_duplicate_instances(slices: list[_Slice], warnings: list[str]) -> list
     return list(unique.values())
 
 
-# --- geometry ----------------------------------------------------------------------------
+# --- geometry -------------------------------------------------------------------------
 
 
 def _sort_along_normal(slices: list[_Slice]) -> tuple[list[_Slice], np.ndarray]:
@@ -526,7 +537,8 @@ def _resample_along_normal(
 ) -> np.ndarray:
     """Linear interpolation along axis 2 from positions ``along_mm`` to a grid."""
     targets = np.arange(count) * step_mm
-    upper = np.clip(np.searchsorted(along_mm, targets, side="right"), 1, len(along_mm) - 1)
+    upper = np.searchsorted(along_mm, targets, side="right")
+    upper = np.clip(upper, 1, len(along_mm) - 1)
     lower = upper - 1
     weight = (targets - along_mm[lower]) / (along_mm[upper] - along_mm[lower])
     weight = np.clip(weight, 0.0, 1.0).astype(np.float32)
@@ -546,7 +558,7 @@ def _affine_ras(first: _Slice, step_mm: float) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps  # LPS -> RAS
 
 
-# --- pixels ------------------------------------------------------------------------------
+# --- pixels ---------------------------------------------------------------------------
 
 
 def _read_pixels(slices: list[_Slice], warnings: list[str]) -> np.ndarray:
@@ -557,7 +569,7 @@ def _read_pixels(slices: list[_Slice], warnings: list[str]) -> np.ndarray:
     notes: set[str] = set()
     for k, item in enumerate(slices):
         if item.path not in cache:
-            cache.clear()  # frames of one file are adjacent in practice; keep memory low
+            cache.clear()  # a file's frames are adjacent in practice; keep memory low
             cache[item.path] = _stored_values(item.path, notes)
         stored, padding = cache[item.path]
         frame = stored if item.frame is None else stored[item.frame]

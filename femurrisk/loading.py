@@ -95,7 +95,7 @@ def load_ct(
     return loaded
 
 
-# --- what was given ---------------------------------------------------------------------
+# --- what was given -------------------------------------------------------------------
 
 
 def _as_paths(source: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -174,7 +174,7 @@ def _load_files(files: list[Path], series_uid: str | None) -> LoadedCT:
     return LoadedCT(image, "dicom", volume.description, volume.warnings)
 
 
-# --- NIfTI ---------------------------------------------------------------------------------
+# --- NIfTI ----------------------------------------------------------------------------
 
 
 def _load_nifti(path: Path) -> LoadedCT:
@@ -187,7 +187,8 @@ def _load_nifti(path: Path) -> LoadedCT:
         image = nib.load(path, mmap=False)
         if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(
-                f"a .nii/.nii.gz file must hold a NIfTI image, not {type(image).__name__}"
+                "a .nii/.nii.gz file must hold a NIfTI image, not "
+                f"{type(image).__name__}"
             )
         header = image.header
         sform_code = int(header["sform_code"])
@@ -209,7 +210,8 @@ def _load_nifti(path: Path) -> LoadedCT:
     else:
         raise InputError(
             "a NIfTI volume must state its orientation (sform_code or qform_code "
-            "above 0), not 0 and 0: orientation unknown, left and right could be swapped"
+            "above 0), not 0 and 0: orientation unknown, left and right could be "
+            "swapped"
         )
     data = _three_d(data)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
@@ -249,7 +251,7 @@ def _three_d(data: np.ndarray) -> np.ndarray:
     return data
 
 
-# --- shared ----------------------------------------------------------------------------------
+# --- shared ---------------------------------------------------------------------------
 
 
 def _set_header(image: nib.Nifti1Image, affine: np.ndarray) -> None:
@@ -272,6 +274,7 @@ def _check_plausible_hu(volume: np.ndarray) -> None:
     if outside > MAX_IMPLAUSIBLE_FRACTION:
         raise InputError(
             f"CT values must be Hounsfield units, mostly within {low:.0f}..{high:.0f}, "
-            f"but {outside:.0%} of voxels lie outside (median {np.median(sample):.0f}): "
+            f"but {outside:.0%} of voxels lie outside "
+            f"(median {np.median(sample):.0f}): "
             "the pixel data are damaged, wrongly decoded, or not CT"
         )
