@@ -1,0 +1,970 @@
+"""Synthetic cohort: the one public pelvis CT, deformed, re-acquired and given lesions.
+
+Every case is made from the shared scan ``pelvis_ct_3mm.nii.gz`` (read at run time
+from ``../shared/data/ct/``, never copied into the project) in two stages.
+
+Base volume (built once per process, :func:`base_volume`):
+
+1. The metal nail in the patient's left proximal femur is removed by replacing the
+   left hip region with the mirror image of the healthy right hip. The mirror plane
+   is the mid-sagittal plane between the two femoral head centres of the hand
+   annotation (``tests/fixtures/pelvis_ct_3mm_annotation.json``), so the mirrored head
+   lands on the annotated left head (within 1.5 mm). Both hips are then usable.
+2. The scan ends at the intertrochanteric region; it is extended caudally by
+   :data:`EXTENSION_MM` with synthetic proximal femoral shafts. The femur section of
+   the lowest real slice morphs (signed-distance blend) into a cortical tube of
+   about 30 mm with a lesser trochanter bump; the cortex thickens from the
+   metaphysis to the diaphysis and cancellous bone turns into fatty marrow. Soft
+   tissue is the lowest real slice with its bone in-painted from the surrounding
+   tissue; ischium and pubis shrink to nothing within about 15 mm.
+
+Per case (:func:`generate_case`), drawn from ``numpy.random.default_rng([seed,
+case_id])`` only: a hospital site (slice thickness and spacing, pixel size, noise,
+reconstruction kernel, HU offset, table height), optional left-right mirroring,
+rotation, scale, translation and a smooth elastic displacement, cranio-caudal extent
+and field of view, then metastases, synthetic implants, noise and a calibration
+offset. Landmarks are carried through the same transform as the image.
+
+Fracture risk (:func:`fracture_risk`) is a stated logistic model, not a fitted one:
+lesion size relative to bone width, axial cortical involvement (over 30 mm is a
+strong risk, after Van der Linden et al.), lytic > mixed > blastic, and site in the
+femur. The label is a Bernoulli draw from that probability. The source study's
+prevalence was 1.4 % of sides (:data:`STUDY_PREVALENCE`); by default the cohort is
+enriched to about 35 % positive sides by case-control sampling (see
+:func:`generate_case`), so its probabilities must be recalibrated to the target
+prevalence.
+
+Known limitations, where they matter:
+
+* All cases share one patient's anatomy; the deformations vary shape, not identity.
+  A network can memorise this pelvis; it must be tested on real scans.
+* Both hips are the same (mirrored) right hip below the acetabular roof.
+* The synthetic shafts are idealised tubes with smooth muscle around them: crops
+  below the real scan's end (more than about 70 mm below the AIIS) are simpler
+  than real anatomy. The body outline below the real scan is the last real slice.
+* The source is 3 mm isotropic: slices thinner than 3 mm and pixels finer than 3 mm
+  add no detail, and lesions (drawn on the output grid) are sharper than anatomy
+  at fine output spacings.
+* In-plane pixels are 1.6-2.4 mm, coarser than real scanners (0.6-0.9 mm), to stay
+  under 2 s per case; the product resamples to 2-4 mm anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+logger = logging.getLogger(__name__)
+
+SIDES = ("left", "right")
+
+#: The shared scan; ``FEMURRISK_REAL_CT`` overrides the path.
+REAL_CT_PATH = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "pelvis_ct_3mm.nii.gz"
+)
+
+#: Hand annotation of the real scan, voxel (i, j, k); the same values as
+#: ``tests/fixtures/pelvis_ct_3mm_annotation.json`` (a test keeps them equal).
+REAL_AIIS_VOXEL = {"left": (26.0, 58.0, 24.0), "right": (91.5, 59.0, 24.0)}
+REAL_HEAD_VOXEL = {"left": (32.5, 44.5, 12.5), "right": (87.0, 44.5, 12.5)}
+REAL_IMPLANT_SIDE = "left"
+
+#: Prevalence of pathologic fracture within 3 months in the source study (sides).
+STUDY_PREVALENCE = 0.014
+
+#: Synthetic extension of the real scan below its last slice, mm.
+EXTENSION_MM = 102.0
+
+AIR_HU = -1024.0
+METAL_HU = 3000.0
+
+#: The real scan's index of the mirror plane: heads at i = 32.5 and 87.0 give 59.75;
+#: the integer plane 60 keeps the mirror an exact voxel permutation.
+_MIRROR_I2 = 120
+#: Left hip region replaced by the mirrored right hip: i <= 50 and k <= 18 fully,
+#: fading out by i = 58 and k = 22 (the AIIS at k = 24 stays original).
+_REPLACE_I = (50, 58)
+_REPLACE_K = (18, 22)
+_BONE_HU = 150.0
+
+
+# --- Data classes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Site:
+    """Acquisition of one synthetic hospital.
+
+    Attributes:
+        name: Short name of the site.
+        slice_thickness_mm: Reconstructed slice thickness (z blur, FWHM).
+        slice_spacing_mm: Distance between slice centres.
+        pixel_mm: In-plane pixel size.
+        noise_hu: Standard deviation of added image noise.
+        kernel: "soft", "standard" or "sharp".
+        hu_offset: Calibration offset added to every voxel.
+        table_shift_mm: Anteroposterior shift of the patient (table height).
+    """
+
+    name: str
+    slice_thickness_mm: float
+    slice_spacing_mm: float
+    pixel_mm: float
+    noise_hu: float
+    kernel: str
+    hu_offset: float
+    table_shift_mm: float
+
+
+#: Four hospitals with different protocols.
+SITES = (
+    Site("A", 5.0, 5.0, 1.6, 10.0, "standard", -15.0, -20.0),
+    Site("B", 3.0, 3.0, 2.0, 15.0, "sharp", 10.0, 0.0),
+    Site("C", 2.0, 1.5, 2.4, 22.0, "soft", 0.0, 15.0),
+    Site("D", 2.5, 2.5, 1.8, 30.0, "sharp", 25.0, -10.0),
+)
+
+
+@dataclass(frozen=True)
+class LesionParams:
+    """One metastasis in one proximal femur.
+
+    Attributes:
+        kind: "lytic", "blastic" or "mixed".
+        place: "head", "neck" or "intertrochanteric".
+        centre_world_mm: Centre, RAS+ mm.
+        radii_mm: Semi-axes of the ellipsoid before boundary irregularity, mm.
+        hu: Lesion attenuation (lytic part for mixed lesions).
+        bone_width_mm: Width of the femur where the lesion sits (nominal, scaled).
+        size_ratio: Largest lesion diameter / bone width.
+        axial_cortical_involvement_mm: Cranio-caudal extent of the cortex the lesion
+            reaches, mm (slices with lesion-on-cortex times slice spacing).
+        volume_mm3: Lesion volume inside the mask, mm^3.
+    """
+
+    kind: str
+    place: str
+    centre_world_mm: tuple[float, float, float]
+    radii_mm: tuple[float, float, float]
+    hu: float
+    bone_width_mm: float
+    size_ratio: float
+    axial_cortical_involvement_mm: float
+    volume_mm3: float
+
+
+@dataclass
+class SyntheticCase:
+    """One generated scan with its truth; every dict is keyed by patient side.
+
+    Attributes:
+        case_id: Case number within the cohort.
+        seed: Cohort seed.
+        image: float32 HU volume, RAS+ axis-aligned affine.
+        aiis_world_mm: AIIS point per side, RAS+ mm.
+        femoral_head_world_mm: Femoral head centre per side, RAS+ mm.
+        lesion: Lesion per side, or None.
+        label: Pathologic fracture within 3 months (0/1) per side.
+        true_risk: Probability the label was drawn from.
+        implant: Whether a synthetic implant was added to that femur.
+        lesion_mask: uint8 on the image grid, 1 = left lesion, 2 = right lesion.
+        site: Name of the hospital site.
+        mirrored: Whether the base anatomy was mirrored left-right.
+        params: Every other drawn parameter, JSON-serialisable.
+    """
+
+    case_id: int
+    seed: int
+    image: nib.Nifti1Image
+    aiis_world_mm: dict[str, tuple[float, float, float]]
+    femoral_head_world_mm: dict[str, tuple[float, float, float]]
+    lesion: dict[str, LesionParams | None]
+    label: dict[str, int]
+    true_risk: dict[str, float]
+    implant: dict[str, bool]
+    lesion_mask: np.ndarray
+    site: str
+    mirrored: bool
+    params: dict = field(default_factory=dict)
+
+
+# --- Base volume -------------------------------------------------------------------------
+
+
+@dataclass
+class _Base:
+    volume_hu: np.ndarray  # (x, y, z) float32
+    femur: np.ndarray  # (x, y, z) uint8, 1 = source-left femur, 2 = source-right
+    affine: np.ndarray
+    aiis_mm: dict[str, np.ndarray]  # source sides
+    head_mm: dict[str, np.ndarray]
+    troch_mm: dict[str, np.ndarray]  # centre of the femur section at the real scan's end
+    shaft_mm: dict[str, np.ndarray]  # shaft axis point at the extension's end
+    mid_x_mm: float
+
+
+def _real_ct_path() -> Path:
+    return Path(os.environ.get("FEMURRISK_REAL_CT", REAL_CT_PATH))
+
+
+def _ramp(x: np.ndarray, full: float, zero: float) -> np.ndarray:
+    """1 up to ``full``, linear to 0 at ``zero``."""
+    return np.clip((zero - x) / (zero - full), 0.0, 1.0)
+
+
+def _smoothstep(t: np.ndarray | float) -> np.ndarray:
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _remove_left_implant(volume: np.ndarray) -> np.ndarray:
+    """Replace the implanted left hip by the mirrored right hip (blended)."""
+    mirrored = volume[_MIRROR_I2 - np.arange(volume.shape[0]).clip(0, _MIRROR_I2)]
+    i = np.arange(volume.shape[0], dtype=np.float32)
+    k = np.arange(volume.shape[2], dtype=np.float32)
+    weight = _ramp(i, *_REPLACE_I)[:, None, None] * _ramp(k, *_REPLACE_K)[None, None, :]
+    return (weight * mirrored + (1.0 - weight) * volume).astype(np.float32)
+
+
+def _right_femur_mask(volume: np.ndarray) -> np.ndarray:
+    """The right femur of the real scan: head ball plus lateral bone below the head."""
+    head = np.asarray(REAL_HEAD_VOXEL["right"])
+    shape = volume.shape
+    i, j, k = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij", sparse=True)
+    radius_vox = 23.0 / 3.0
+    ball = (i - head[0]) ** 2 + (j - head[1]) ** 2 + (k - head[2]) ** 2 <= radius_vox**2
+    bone = volume > _BONE_HU
+    bone = np.stack([ndi.binary_fill_holes(bone[:, :, z]) for z in range(shape[2])], -1)
+    lateral = (i >= head[0] + 2) & (k <= head[2] - 1) & (j >= head[1] - 12)
+    mask = ball | (bone & lateral & (k <= head[2] + 8))
+    mask &= i >= _MIRROR_I2 // 2 + 8
+    labels, _ = ndi.label(mask)
+    keep = labels == labels[tuple(np.round(head).astype(int))]
+    return keep
+
+
+def _extend_caudally(
+    volume: np.ndarray, femur: np.ndarray, n_ext: int, spacing_mm: float
+) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """Add ``n_ext`` synthetic slices below the scan with proximal femoral shafts."""
+    nx, ny, _ = volume.shape
+    slice0 = volume[:, :, 0]
+    bone0 = ndi.binary_fill_holes(slice0 > _BONE_HU)
+    femur0 = femur[:, :, 0] > 0
+    bone0 = ndi.binary_dilation(bone0 | femur0, iterations=1)
+
+    # Soft tissue: bone voxels take the value of the nearest non-bone voxel.
+    _, (ii, jj) = ndi.distance_transform_edt(bone0, return_indices=True)
+    soft = slice0[ii, jj]
+    soft = ndi.median_filter(soft, size=3)
+    other_bone = bone0 & ~ndi.binary_dilation(femur0, iterations=2)
+
+    gi, gj = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+    new = np.empty((nx, ny, n_ext), dtype=np.float32)
+    new_femur = np.zeros((nx, ny, n_ext), dtype=np.uint8)
+    troch, shaft = {}, {}
+    sections = {}
+    for value, side in ((1, "left"), (2, "right")):
+        sect = (femur[:, :, 0] == value)
+        sect = ndi.binary_fill_holes(sect)
+        inside = ndi.distance_transform_edt(sect)
+        outside = ndi.distance_transform_edt(~sect)
+        sdf0 = (outside - inside) * spacing_mm
+        centre = np.array(ndi.center_of_mass(sect))
+        real = slice0[sect]
+        cortex_hu0 = float(np.percentile(real, 85))
+        interior_hu0 = float(np.median(slice0[ndi.binary_erosion(sect, iterations=2)]))
+        medial = -1.0 if side == "right" else 1.0  # +i is patient's right
+        end = centre + np.array([medial * 6.0, -2.0]) / spacing_mm
+        sections[side] = (sdf0, centre, end, cortex_hu0, interior_hu0, medial, value)
+        troch[side] = centre
+        shaft[side] = end
+
+    for n in range(n_ext):
+        depth = (n_ext - n) * spacing_mm  # slice n_ext - 1 lies just below the real scan
+        eroded = ndi.binary_erosion(other_bone, iterations=int(depth // 4.0 + 1))
+        sl = np.where(eroded, slice0, soft)
+        for side, (sdf0, c0, c1, cortex0, inner0, medial, value) in sections.items():
+            t = float(_smoothstep(depth / 45.0))
+            centre = c0 + (c1 - c0) * min(depth / EXTENSION_MM, 1.0)
+            dist = np.hypot(gi - centre[0], gj - centre[1]) * spacing_mm
+            sdf = (1.0 - t) * sdf0 + t * (dist - 15.0)
+            bump = np.exp(-0.5 * ((depth - 38.0) / 9.0) ** 2)
+            if bump > 0.05:
+                lt = centre + np.array([medial * 13.0, -9.0]) / spacing_mm
+                lt_dist = np.hypot(gi - lt[0], gj - lt[1]) * spacing_mm - 9.0 * bump
+                sdf = np.minimum(sdf, lt_dist)
+            cortex_mm = 2.5 + 2.5 * t
+            occ = np.clip(0.5 - sdf / spacing_mm, 0.0, 1.0)
+            occ_in = np.clip(0.5 - (sdf + cortex_mm) / spacing_mm, 0.0, 1.0)
+            cortex_hu = cortex0 + (1150.0 - cortex0) * t
+            inner_hu = inner0 + (90.0 - inner0) * t
+            sl = sl * (1.0 - occ) + cortex_hu * (occ - occ_in) + inner_hu * occ_in
+            new_femur[:, :, n][sdf <= 0] = value
+        new[:, :, n] = sl
+
+    out = np.concatenate([new, volume], axis=2)
+    out_femur = np.concatenate([new_femur, femur], axis=2)
+    return out, out_femur, troch, shaft
+
+
+@functools.lru_cache(maxsize=1)
+def base_volume() -> _Base:
+    """The implant-free, caudally extended real scan with its femur masks.
+
+    Raises:
+        FileNotFoundError: If the shared scan is not where :data:`REAL_CT_PATH` says.
+    """
+    path = _real_ct_path()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"the shared pelvis CT must be at {path} (or set FEMURRISK_REAL_CT), "
+            "not found"
+        )
+    image = nib.as_closest_canonical(nib.load(path))
+    volume = np.asarray(image.dataobj, dtype=np.float32)
+    affine = image.affine.copy()
+    spacing_mm = float(affine[2, 2])
+
+    volume = _remove_left_implant(volume)
+    right = _right_femur_mask(volume)
+    left = right[_MIRROR_I2 - np.arange(volume.shape[0]).clip(0, _MIRROR_I2)]
+    femur = np.zeros(volume.shape, dtype=np.uint8)
+    femur[left] = 1
+    femur[right] = 2
+
+    n_ext = int(round(EXTENSION_MM / spacing_mm))
+    volume, femur, troch_ij, shaft_ij = _extend_caudally(volume, femur, n_ext, spacing_mm)
+    affine_ext = affine.copy()
+    affine_ext[:3, 3] = affine[:3, 3] - n_ext * affine[:3, 2]
+
+    def world(ijk) -> np.ndarray:
+        return nib.affines.apply_affine(affine_ext, np.asarray(ijk, dtype=float))
+
+    head_right = np.asarray(REAL_HEAD_VOXEL["right"])
+    head_left = head_right.copy()
+    head_left[0] = _MIRROR_I2 - head_right[0]
+    heads = {"left": head_left, "right": head_right}
+    base = _Base(
+        volume_hu=volume,
+        femur=femur,
+        affine=affine_ext,
+        aiis_mm={s: world(np.r_[REAL_AIIS_VOXEL[s][:2], REAL_AIIS_VOXEL[s][2] + n_ext])
+                 for s in SIDES},
+        head_mm={s: world(heads[s] + [0, 0, n_ext]) for s in SIDES},
+        troch_mm={s: world(np.r_[troch_ij[s], n_ext]) for s in SIDES},
+        shaft_mm={s: world(np.r_[shaft_ij[s], 0]) for s in SIDES},
+        mid_x_mm=float(world([_MIRROR_I2 / 2.0, 0, 0])[0]),
+    )
+    logger.info("base volume %s built from %s", volume.shape, path.name)
+    return base
+
+
+# --- Spatial transform -------------------------------------------------------------------
+
+
+def _bspline(u: np.ndarray) -> np.ndarray:
+    """Cubic B-spline kernel (support |u| < 2)."""
+    a = np.abs(u)
+    return np.where(a < 1.0, 2.0 / 3.0 - a**2 + 0.5 * a**3,
+                    np.where(a < 2.0, (2.0 - a) ** 3 / 6.0, 0.0))
+
+
+@dataclass
+class _Transform:
+    """Output world x -> base world p = centre + inv(G) (x - t - centre) + e(x - t).
+
+    ``G`` is rotation @ scale @ mirror; ``e`` a cubic B-spline displacement whose
+    control points span ``lo``..``hi`` (mm) with coefficients ``coeffs`` (3, nx, ny, nz).
+    """
+
+    linear: np.ndarray  # G, (3, 3)
+    centre: np.ndarray
+    translation: np.ndarray
+    coeffs: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def _weights(self, coords: np.ndarray, axis: int) -> np.ndarray:
+        n = self.coeffs.shape[axis + 1]
+        pos = (coords - self.lo[axis]) / (self.hi[axis] - self.lo[axis]) * (n - 1)
+        return _bspline(pos[:, None] - np.arange(n)[None, :])
+
+    def displacement_grid(self, xs, ys, zs) -> np.ndarray:
+        """Elastic displacement on a grid of deformed-space coordinates, (3, X, Y, Z)."""
+        wx, wy, wz = (self._weights(c, a) for a, c in enumerate((xs, ys, zs)))
+        return np.einsum("ia,jb,kc,rabc->rijk", wx, wy, wz, self.coeffs,
+                         optimize=True).astype(np.float32)
+
+    def displacement_points(self, q: np.ndarray) -> np.ndarray:
+        """Elastic displacement at deformed-space points (n, 3)."""
+        q = np.atleast_2d(q)
+        wx, wy, wz = (self._weights(q[:, a], a) for a in range(3))
+        return np.einsum("na,nb,nc,rabc->nr", wx, wy, wz, self.coeffs)
+
+    def forward(self, p: np.ndarray) -> np.ndarray:
+        """Base world point -> output world point (fixed-point inverse of the warp)."""
+        p = np.asarray(p, dtype=float)
+        q = self.centre + self.linear @ (p - self.centre)
+        for _ in range(20):
+            e = self.displacement_points(q)[0]
+            q = self.centre + self.linear @ (p - e - self.centre)
+        return q + self.translation
+
+
+def _random_rotation(rng: np.random.Generator, max_deg: float) -> tuple[np.ndarray, list]:
+    angles = rng.uniform(-max_deg, max_deg, 3)
+    ax, ay, az = np.deg2rad(angles)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx, angles.tolist()
+
+
+def _warp_base(base: _Base, tf: _Transform, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Base volume and femur labels resampled on a padded copy of the base grid.
+
+    Returns the deformed volume, the deformed femur labels and the grid's affine; the
+    grid is in deformed space, i.e. output world minus the translation.
+    """
+    spacing = np.diag(base.affine)[:3]
+    shape = np.array(base.volume_hu.shape) + 2 * pad
+    origin = base.affine[:3, 3] - pad * spacing
+    axes = [origin[a] + spacing[a] * np.arange(shape[a]) for a in range(3)]
+    disp = tf.displacement_grid(*axes)
+    inv = np.linalg.inv(tf.linear)
+    rel = [(axes[a] - tf.centre[a]).astype(np.float32) for a in range(3)]
+    grids = (rel[0][:, None, None], rel[1][None, :, None], rel[2][None, None, :])
+    coords = np.empty((3, *shape), dtype=np.float32)
+    for r in range(3):
+        p = inv[r, 0] * grids[0] + inv[r, 1] * grids[1] + inv[r, 2] * grids[2]
+        p = p + disp[r] + (tf.centre[r] - base.affine[r, 3])
+        coords[r] = p / spacing[r]
+    volume = ndi.map_coordinates(base.volume_hu, coords, order=1, mode="constant",
+                                 cval=AIR_HU, output=np.float32)
+    femur = ndi.map_coordinates(base.femur, coords, order=0, mode="constant", cval=0)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = origin
+    return volume, femur.astype(np.uint8), affine
+
+
+def _resample_axis(arr: np.ndarray, axis: int, frac: np.ndarray, cval: float,
+                   order: int) -> np.ndarray:
+    """Resample ``arr`` along ``axis`` at fractional indices ``frac`` (linear/nearest)."""
+    n = arr.shape[axis]
+    shape = [1] * arr.ndim
+    shape[axis] = len(frac)
+    outside = ((frac < -0.5) | (frac > n - 0.5)) if order == 0 else (
+        (frac < 0) | (frac > n - 1))
+    if order == 0:
+        out = np.take(arr, np.clip(np.rint(frac), 0, n - 1).astype(int), axis=axis)
+    else:
+        i0 = np.clip(np.floor(frac), 0, n - 2).astype(int)
+        w = np.clip(frac - i0, 0.0, 1.0).astype(np.float32).reshape(shape)
+        lo = np.take(arr, i0, axis=axis)
+        out = lo + w * (np.take(arr, i0 + 1, axis=axis) - lo)
+    if outside.any():
+        index = [slice(None)] * arr.ndim
+        index[axis] = np.flatnonzero(outside)
+        out[tuple(index)] = cval
+    return out
+
+
+def _resample_grid(arr, src_affine, axes_mm, cval, order):
+    """Axis-aligned resampling of ``arr`` onto the grid with coordinates ``axes_mm``."""
+    out = arr
+    for a in range(3):
+        frac = (axes_mm[a] - src_affine[a, 3]) / src_affine[a, a]
+        out = _resample_axis(out, a, frac, cval, order)
+    return out
+
+
+# --- Fracture risk -----------------------------------------------------------------------
+
+#: Risk of a side without a metastasis (fractures of normal bone within 3 months).
+BASELINE_RISK = 0.002
+#: Log-odds added per lesion type: lytic lesions weaken bone most, blastic least.
+KIND_LOGIT = {"lytic": 1.0, "mixed": 0.0, "blastic": -1.5}
+#: Log-odds added per place: the neck and intertrochanteric region carry the bending
+#: and torsional load; head lesions rarely fracture first.
+PLACE_LOGIT = {"head": -0.5, "neck": 0.5, "intertrochanteric": 0.3}
+#: Nominal femur width where a lesion sits, mm, before the case's scale.
+BONE_WIDTH_MM = {"head": 46.0, "neck": 32.0, "intertrochanteric": 55.0}
+
+
+def fracture_risk(lesion: LesionParams | None) -> float:
+    """Probability of pathologic fracture within 3 months, a stated model.
+
+    ``logit = -4.5 + 4.0 * size_ratio + 0.08 * min(L, 60) + 1.5 * [L > 30]
+    + kind + place`` with ``L`` the axial cortical involvement in mm,
+    ``size_ratio`` the largest lesion diameter over the bone width, and the
+    offsets of :data:`KIND_LOGIT` and :data:`PLACE_LOGIT`. A side without a lesion
+    has :data:`BASELINE_RISK`.
+
+    Args:
+        lesion: The side's lesion, or None.
+
+    Returns:
+        The probability, in (0, 1).
+    """
+    if lesion is None:
+        return BASELINE_RISK
+    involvement = lesion.axial_cortical_involvement_mm
+    logit = (
+        -4.5
+        + 4.0 * lesion.size_ratio
+        + 0.08 * min(involvement, 60.0)
+        + 1.5 * float(involvement > 30.0)
+        + KIND_LOGIT[lesion.kind]
+        + PLACE_LOGIT[lesion.place]
+    )
+    return float(1.0 / (1.0 + np.exp(-logit)))
+
+
+# --- Lesions and implants ----------------------------------------------------------------
+
+
+@dataclass
+class _Grid:
+    """The output grid: axis coordinates (mm) and spacing."""
+
+    axes: list[np.ndarray]
+    spacing: np.ndarray
+
+    def index(self, point: np.ndarray) -> np.ndarray:
+        return np.array([(point[a] - self.axes[a][0]) / self.spacing[a] for a in range(3)])
+
+    def box(self, centre: np.ndarray, half_mm: float) -> tuple[slice, slice, slice]:
+        sl = []
+        for a in range(3):
+            c = (centre[a] - self.axes[a][0]) / self.spacing[a]
+            h = half_mm / self.spacing[a]
+            lo = int(np.clip(np.floor(c - h), 0, len(self.axes[a])))
+            hi = int(np.clip(np.ceil(c + h) + 1, 0, len(self.axes[a])))
+            sl.append(slice(lo, hi))
+        return tuple(sl)
+
+
+def _smooth_noise(rng: np.random.Generator, shape, sigma_vox: float) -> np.ndarray:
+    field_ = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox)
+    return field_ / max(float(field_.std()), 1e-6)
+
+
+@dataclass
+class _LesionDraft:
+    params: LesionParams
+    box: tuple[slice, slice, slice]
+    weight: np.ndarray  # soft occupancy in the box, 0-1
+    target_hu: np.ndarray  # lesion HU in the box
+    mode: str  # "replace" (lytic/mixed) or "max" (blastic)
+
+
+def _draft_lesion(rng, grid: _Grid, femur_side: np.ndarray, head, troch,
+                  scale: float) -> _LesionDraft | None:
+    """Draw one lesion's parameters and shape in its femur; None if it misses bone."""
+    kind = str(rng.choice(["lytic", "mixed", "blastic"], p=[0.5, 0.25, 0.25]))
+    place = str(rng.choice(["head", "neck", "intertrochanteric"], p=[0.25, 0.4, 0.35]))
+    mean_r = float(np.exp(rng.uniform(np.log(4.0), np.log(25.0))))
+    radii = np.clip(mean_r * rng.uniform(0.7, 1.3, 3), 4.0, 25.0)
+    axis = troch - head
+    if place == "head":
+        centre = head + rng.normal(0.0, 5.0, 3)
+    elif place == "neck":
+        centre = head + axis * rng.uniform(0.3, 0.55) + rng.normal(0.0, 3.0, 3)
+    else:
+        centre = head + axis * rng.uniform(0.8, 1.0) + rng.normal(0.0, 4.0, 3)
+    rotation = np.linalg.qr(rng.standard_normal((3, 3)))[0]
+    irregularity = rng.uniform(0.1, 0.3)
+    noise_seed = int(rng.integers(2**31))
+    if kind == "lytic":
+        hu = rng.uniform(20.0, 60.0)
+    elif kind == "blastic":
+        hu = rng.uniform(700.0, 1400.0)
+    else:
+        hu = rng.uniform(20.0, 60.0)
+    blastic_hu = rng.uniform(700.0, 1400.0)
+
+    # Snap the centre into the femur (nearest femur voxel).
+    box = grid.box(centre, 25.0 * 1.4 + 8.0)
+    femur_box = femur_side[box]
+    if not femur_box.any():
+        return None
+    ijk = grid.index(centre) - np.array([s.start for s in box])
+    ijk = np.clip(np.round(ijk).astype(int), 0, np.array(femur_box.shape) - 1)
+    if not femur_box[tuple(ijk)]:
+        _, nearest = ndi.distance_transform_edt(~femur_box, return_indices=True)
+        ijk = nearest[:, ijk[0], ijk[1], ijk[2]]
+    centre = np.array([grid.axes[a][box[a].start + ijk[a]] for a in range(3)])
+
+    box = grid.box(centre, float(radii.max()) * 1.4 + 2.0 * float(grid.spacing.max()))
+    femur_box = femur_side[box]
+    coords = np.meshgrid(*[grid.axes[a][box[a]] - centre[a] for a in range(3)],
+                         indexing="ij")
+    local = np.einsum("rc,cxyz->rxyz", rotation.T, np.stack(coords))
+    r_norm = np.sqrt(sum((local[a] / radii[a]) ** 2 for a in range(3)))
+    local_rng = np.random.default_rng(noise_seed)
+    boundary = 1.0 + irregularity * _smooth_noise(local_rng, r_norm.shape, 2.0)
+    edge = float(grid.spacing[:2].mean()) / float(radii.min())
+    weight = np.clip((boundary - r_norm) / edge + 0.5, 0.0, 1.0)
+    allowed = ndi.binary_dilation(femur_box, iterations=1)
+    weight = (weight * allowed).astype(np.float32)
+    mask = weight >= 0.5
+    if not mask.any():
+        return None
+
+    texture = _smooth_noise(local_rng, r_norm.shape, 1.0)
+    if kind == "lytic":
+        target, mode = hu + 12.0 * texture, "replace"
+    elif kind == "blastic":
+        target, mode = hu + 120.0 * texture, "max"
+    else:
+        share = np.clip(_smooth_noise(local_rng, r_norm.shape, 1.5) + 0.3, 0.0, 1.0)
+        target = (1.0 - share) * (hu + 12.0 * texture) + share * blastic_hu
+        mode = "replace"
+
+    # Axial cortical involvement: slices where the lesion reaches the outer 3 mm.
+    erode = max(1, int(round(3.0 / float(grid.spacing[:2].mean()))))
+    structure = np.zeros((3, 3, 1), dtype=bool)
+    structure[1, :, 0] = structure[:, 1, 0] = True
+    cortex = femur_box & ~ndi.binary_erosion(femur_box, structure, iterations=erode)
+    slices = np.flatnonzero((mask & cortex).any(axis=(0, 1)))
+    involvement = float(len(slices) * grid.spacing[2])
+
+    width = BONE_WIDTH_MM[place] * scale
+    params = LesionParams(
+        kind=kind, place=place,
+        centre_world_mm=tuple(float(v) for v in centre),
+        radii_mm=tuple(float(v) for v in radii),
+        hu=float(hu),
+        bone_width_mm=float(width),
+        size_ratio=float(2.0 * radii.max() / width),
+        axial_cortical_involvement_mm=involvement,
+        volume_mm3=float(mask.sum() * np.prod(grid.spacing)),
+    )
+    return _LesionDraft(params, box, weight, target.astype(np.float32), mode)
+
+
+def _apply_lesion(volume: np.ndarray, mask: np.ndarray, draft: _LesionDraft,
+                  value: int) -> None:
+    sub = volume[draft.box]
+    w = draft.weight
+    if draft.mode == "max":
+        new = np.maximum(sub, draft.target_hu)
+    else:
+        new = draft.target_hu
+    volume[draft.box] = sub * (1.0 - w) + new * w
+    mask[draft.box][w >= 0.5] = value
+
+
+def _segment_occupancy(grid: _Grid, a: np.ndarray, b: np.ndarray, radius: float):
+    """Soft occupancy (box, weights) of a cylinder of ``radius`` mm from a to b."""
+    centre = (a + b) / 2.0
+    half = np.linalg.norm(b - a) / 2.0 + radius + 3.0
+    box = grid.box(centre, half)
+    coords = np.stack(np.meshgrid(*[grid.axes[k][box[k]] for k in range(3)],
+                                  indexing="ij"), axis=-1)
+    ab = b - a
+    t = np.clip(((coords - a) @ ab) / float(ab @ ab), 0.0, 1.0)
+    dist = np.linalg.norm(coords - (a + t[..., None] * ab), axis=-1)
+    pixel = float(grid.spacing.mean())
+    return box, np.clip((radius - dist) / pixel + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def _add_implant(rng, volume: np.ndarray, grid: _Grid, head, troch, shaft,
+                 lateral: float) -> dict:
+    """A cephalomedullary nail: lag screw along the neck and a rod down the shaft."""
+    metal = np.zeros(volume.shape, dtype=np.float32)
+    neck = troch - head
+    neck = neck / np.linalg.norm(neck)
+    screw_tip = head - 8.0 * neck
+    screw_end = head + neck * rng.uniform(85.0, 100.0)
+    nail_top = troch + np.array([lateral * 8.0, 0.0, 35.0])
+    nail_bottom = shaft + np.array([0.0, 0.0, -40.0])
+    hu = rng.uniform(2800.0, 3200.0)
+    for a, b, r in ((screw_tip, screw_end, 5.0), (nail_top, nail_bottom, 5.5)):
+        box, occ = _segment_occupancy(grid, a, b, r)
+        metal[box] = np.maximum(metal[box], occ)
+    zs = np.flatnonzero(metal.any(axis=(0, 1)))
+    if len(zs):
+        _add_streaks(rng, volume, metal, grid, zs)
+    np.copyto(volume, volume * (1.0 - metal) + hu * metal)
+    return {"metal_hu": float(hu), "screw": [screw_tip.tolist(), screw_end.tolist()],
+            "nail": [nail_top.tolist(), nail_bottom.tolist()]}
+
+
+def _add_streaks(rng, volume, metal, grid: _Grid, zs: np.ndarray) -> None:
+    """Bright and dark radial streaks from the metal in each affected axial slice."""
+    n_streaks = 10
+    angles = rng.uniform(0.0, np.pi, n_streaks)
+    amps = rng.normal(0.0, 1.0, n_streaks) * 250.0
+    width = rng.uniform(0.015, 0.04)
+    reach_mm = 100.0
+    for z in zs:
+        plane = metal[:, :, z]
+        area = float(plane.sum())
+        if area < 1.0:
+            continue
+        ci, cj = ndi.center_of_mass(plane)
+        box = grid.box(np.array([grid.axes[0][int(ci)], grid.axes[1][int(cj)],
+                                 grid.axes[2][z]]), reach_mm)
+        xi = (np.arange(box[0].start, box[0].stop) - ci) * grid.spacing[0]
+        yj = (np.arange(box[1].start, box[1].stop) - cj) * grid.spacing[1]
+        theta = np.arctan2(yj[None, :], xi[:, None])
+        radius = np.hypot(xi[:, None], yj[None, :])
+        streak = np.zeros_like(theta, dtype=np.float32)
+        for angle, amp in zip(angles + rng.normal(0, 0.03, n_streaks), amps):
+            d = np.angle(np.exp(2j * (theta - angle))) / 2.0
+            streak += amp * np.exp(-0.5 * (d / width) ** 2)
+        strength = min(area * float(np.prod(grid.spacing[:2])) / 100.0, 1.5)
+        decay = np.exp(-radius / 45.0) * (radius < reach_mm)
+        volume[box[0], box[1], z] += (strength * streak * decay).astype(np.float32)
+
+
+# --- The generator -----------------------------------------------------------------------
+
+
+def _other(side: str) -> str:
+    return "right" if side == "left" else "left"
+
+
+def generate_case(
+    seed: int,
+    case_id: int,
+    *,
+    positive_fraction: float | None = 0.35,
+    lesion_probability: float = 0.5,
+    implant_probability: float = 0.15,
+    mirror: bool | None = None,
+    site: str | None = None,
+) -> SyntheticCase:
+    """Generate one synthetic case, deterministically from ``(seed, case_id)``.
+
+    Args:
+        seed: Cohort seed.
+        case_id: Case number; with ``seed`` it seeds ``numpy.random.default_rng``.
+        positive_fraction: Case-control enrichment: each side is first given a
+            target label (1 with this probability) and its lesion is redrawn until
+            the label drawn from :func:`fracture_risk` equals the target. This keeps
+            ``true_risk`` the population model while the cohort has about this
+            fraction of positive sides (the source study had 1.4 %). None draws
+            sides naturally: a lesion with ``lesion_probability``, then the label.
+        lesion_probability: Chance that a side carries a metastasis (natural
+            draw, and for sides whose target label is 0).
+        implant_probability: Chance per femur of a synthetic nail, independent of
+            lesion and label.
+        mirror: Force (True/False) or draw (None) the left-right mirroring. Every
+            random draw is made either way, so forcing it changes nothing else.
+        site: Force a site name of :data:`SITES`, or None to draw one.
+
+    Returns:
+        The case; every per-side dict is keyed by patient side.
+    """
+    rng = np.random.default_rng([seed, case_id])
+    base = base_volume()
+    params: dict = {}
+
+    # Acquisition and geometry.
+    site_obj = SITES[int(rng.integers(len(SITES)))]
+    if site is not None:
+        site_obj = {s.name: s for s in SITES}[site]
+    mirrored = bool(rng.random() < 0.5)
+    if mirror is not None:
+        mirrored = bool(mirror)
+    rotation, angles = _random_rotation(rng, 5.0)
+    scale = rng.uniform(0.9, 1.1) * rng.uniform(0.97, 1.03, 3)
+    flip = np.diag([-1.0 if mirrored else 1.0, 1.0, 1.0])
+    linear = rotation @ np.diag(scale) @ flip
+    translation = np.r_[rng.uniform(-30.0, 30.0, 2), rng.uniform(-100.0, 100.0)]
+    centre = np.r_[base.mid_x_mm, base.head_mm["right"][1:]]
+    elastic_sd = rng.uniform(1.0, 3.5)
+    spacing = np.diag(base.affine)[:3]
+    lo = base.affine[:3, 3]
+    hi = lo + spacing * (np.array(base.volume_hu.shape) - 1)
+    coeffs = rng.normal(0.0, elastic_sd, (3, 6, 5, 7))
+    tf = _Transform(linear, centre, translation, coeffs, lo, hi)
+    params.update(rotation_deg=angles, scale=scale.tolist(),
+                  translation_mm=translation.tolist(), elastic_sd_mm=elastic_sd)
+
+    side_of = {s: (_other(s) if mirrored else s) for s in SIDES}  # source -> patient
+    aiis = {side_of[s]: tf.forward(base.aiis_mm[s]) for s in SIDES}
+    heads = {side_of[s]: tf.forward(base.head_mm[s]) for s in SIDES}
+    troch = {side_of[s]: tf.forward(base.troch_mm[s]) for s in SIDES}
+    shaft = {side_of[s]: tf.forward(base.shaft_mm[s]) for s in SIDES}
+
+    # Deform at the base's 3 mm, then blur for slice thickness and kernel.
+    volume_d, femur_d, affine_d = _warp_base(base, tf, pad=8)
+    thickness = site_obj.slice_thickness_mm
+    sigma_z = np.sqrt(max(thickness**2 - spacing[2] ** 2, 0.0)) / 2.355 / spacing[2]
+    kernel_amount = rng.uniform(0.5, 1.0)
+    if sigma_z > 0.05:
+        volume_d = ndi.gaussian_filter1d(volume_d, sigma_z, axis=2)
+    if site_obj.kernel == "soft":
+        volume_d = ndi.gaussian_filter(volume_d, (0.6 * kernel_amount,) * 2 + (0,))
+    elif site_obj.kernel == "sharp":
+        blurred = ndi.gaussian_filter(volume_d, (1.0, 1.0, 0.0))
+        volume_d = volume_d + 0.6 * kernel_amount * (volume_d - blurred)
+    params.update(kernel_amount=kernel_amount)
+
+    # Output grid: field of view, cranio-caudal extent, pixel and slice spacing.
+    pixel = site_obj.pixel_mm
+    dz = site_obj.slice_spacing_mm
+    fov = rng.uniform(340.0, 430.0)
+    body_centre = np.r_[centre[0], lo[1] + spacing[1] * base.volume_hu.shape[1] / 2.0]
+    fov_centre = body_centre + translation[:2] + rng.normal(0.0, 10.0, 2)
+    fov_centre[1] -= site_obj.table_shift_mm + rng.uniform(-10.0, 10.0)
+    d_lo = affine_d[:3, 3] + translation
+    d_hi = d_lo + spacing * (np.array(volume_d.shape) - 1)
+    head_z = min(h[2] for h in heads.values())
+    aiis_z = max(p[2] for p in aiis.values())
+    z_bottom = max(head_z - rng.uniform(45.0, 125.0), d_lo[2] + 6.0)
+    z_top = min(aiis_z + rng.uniform(90.0, 330.0), d_hi[2] - 6.0)
+    n_xy = int(round(fov / pixel))
+    n_z = int(np.floor((z_top - z_bottom) / dz)) + 1
+    origin = np.r_[fov_centre - pixel * (n_xy - 1) / 2.0, z_bottom]
+    out_spacing = np.array([pixel, pixel, dz])
+    axes = [origin[a] + out_spacing[a] * np.arange((n_xy, n_xy, n_z)[a]) for a in range(3)]
+    grid = _Grid(axes, out_spacing)
+    shifted = affine_d.copy()
+    shifted[:3, 3] += translation
+    volume = _resample_grid(volume_d, shifted, axes, AIR_HU, 1).astype(np.float32)
+    femur_src = _resample_grid(femur_d, shifted, axes, 0, 0)
+    femur = {side_of["left"]: femur_src == 1, side_of["right"]: femur_src == 2}
+    params.update(fov_mm=fov, z_range_mm=[float(z_bottom), float(axes[2][-1])])
+
+    # Lesions, labels and implants, per patient side.
+    lesion_mask = np.zeros(volume.shape, dtype=np.uint8)
+    lesions: dict[str, LesionParams | None] = {}
+    labels: dict[str, int] = {}
+    risks: dict[str, float] = {}
+    implants: dict[str, bool] = {}
+    mean_scale = float(np.mean(scale))
+    for side in SIDES:
+        target = None if positive_fraction is None else int(
+            rng.random() < positive_fraction)
+        draft, label, risk = None, 0, BASELINE_RISK
+        for attempt in range(200):
+            has_lesion = target == 1 or rng.random() < lesion_probability
+            draft = (_draft_lesion(rng, grid, femur[side], heads[side], troch[side],
+                                   mean_scale) if has_lesion else None)
+            risk = fracture_risk(draft.params if draft else None)
+            label = int(rng.random() < risk)
+            if target is None or label == target:
+                break
+        else:
+            logger.warning("case %d %s: target label %s not reached", case_id, side, target)
+        if draft is not None:
+            _apply_lesion(volume, lesion_mask, draft, 1 if side == "left" else 2)
+        lesions[side] = draft.params if draft else None
+        labels[side], risks[side] = label, risk
+    implant_params = {}
+    for side in SIDES:
+        implants[side] = bool(rng.random() < implant_probability)
+        if implants[side]:
+            lateral = 1.0 if side == "right" else -1.0
+            implant_params[side] = _add_implant(rng, volume, grid, heads[side],
+                                                troch[side], shaft[side], lateral)
+    params["implants"] = implant_params
+
+    # Calibration offset and correlated noise.
+    hu_offset = site_obj.hu_offset + rng.uniform(-5.0, 5.0)
+    noise_sd = site_obj.noise_hu * rng.uniform(0.8, 1.2)
+    noise = rng.standard_normal(volume.shape, dtype=np.float32)
+    noise = ndi.gaussian_filter(noise, (0.7, 0.7, 0.0))
+    noise *= noise_sd / max(float(noise.std()), 1e-6)
+    volume += noise + hu_offset
+    np.clip(volume, -1024.0, 3071.0, out=volume)
+    params.update(hu_offset=hu_offset, noise_sd_hu=noise_sd)
+
+    affine = np.diag([*out_spacing, 1.0])
+    affine[:3, 3] = origin
+    image = nib.Nifti1Image(volume, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+
+    def as_tuple(p):
+        return tuple(float(v) for v in p)
+
+    return SyntheticCase(
+        case_id=case_id, seed=seed, image=image,
+        aiis_world_mm={s: as_tuple(aiis[s]) for s in SIDES},
+        femoral_head_world_mm={s: as_tuple(heads[s]) for s in SIDES},
+        lesion=lesions, label=labels, true_risk=risks, implant=implants,
+        lesion_mask=lesion_mask, site=site_obj.name, mirrored=mirrored, params=params,
+    )
+
+
+# --- Writing -----------------------------------------------------------------------------
+
+
+def _balls(shape, affine, centres, radius_mm: float) -> np.ndarray:
+    inverse = np.linalg.inv(affine)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    out = np.zeros(shape, dtype=bool)
+    for centre in centres:
+        ijk = nib.affines.apply_affine(inverse, np.asarray(centre, dtype=float))
+        grid = _Grid([np.arange(n) * spacing[a] for a, n in enumerate(shape)], spacing)
+        box = grid.box(ijk * spacing, radius_mm)
+        coords = np.meshgrid(*[(np.arange(box[a].start, box[a].stop) - ijk[a]) * spacing[a]
+                               for a in range(3)], indexing="ij")
+        out[box] |= sum(c**2 for c in coords) <= radius_mm**2
+    return out
+
+
+def truth_dict(case: SyntheticCase) -> dict:
+    """The case's truth as a JSON-serialisable dict."""
+    return {
+        "case_id": case.case_id, "seed": case.seed, "site": case.site,
+        "mirrored": case.mirrored,
+        "shape": list(case.image.shape), "affine": case.image.affine.tolist(),
+        "aiis_world_mm": case.aiis_world_mm,
+        "femoral_head_world_mm": case.femoral_head_world_mm,
+        "lesion": {s: (asdict(v) if v else None) for s, v in case.lesion.items()},
+        "label": case.label, "true_risk": case.true_risk, "implant": case.implant,
+        "lesion_mask_values": {"left": 1, "right": 2},
+        "landmark_label_values": {"aiis": 1, "femoral_head": 2},
+        "params": case.params,
+    }
+
+
+def write_nifti(case: SyntheticCase, folder: str | Path) -> Path:
+    """Write image, truth masks and truth JSON of a case into ``folder``.
+
+    Files: ``image.nii.gz`` (float32 HU), ``landmarks.nii.gz`` (uint8, 1 = AIIS
+    balls, 2 = femoral head balls, radii of :mod:`femurrisk.geometry`),
+    ``lesions.nii.gz`` (uint8, 1 = left, 2 = right) and ``truth.json``.
+
+    Args:
+        case: The case.
+        folder: Output folder, created if needed.
+
+    Returns:
+        The folder.
+
+    Raises:
+        OSError: If the folder cannot be written.
+    """
+    from femurrisk import geometry as g
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shape, affine = case.image.shape, case.image.affine
+    landmarks = np.zeros(shape, dtype=np.uint8)
+    landmarks[_balls(shape, affine, case.femoral_head_world_mm.values(),
+                     g.FEMORAL_HEAD_LABEL_RADIUS_MM)] = g.LABEL_FEMORAL_HEAD
+    landmarks[_balls(shape, affine, case.aiis_world_mm.values(),
+                     g.AIIS_LABEL_RADIUS_MM)] = g.LABEL_AIIS
+    nib.save(case.image, folder / "image.nii.gz")
+    nib.save(nib.Nifti1Image(landmarks, affine), folder / "landmarks.nii.gz")
+    nib.save(nib.Nifti1Image(case.lesion_mask, affine), folder / "lesions.nii.gz")
+    with open(folder / "truth.json", "w") as handle:
+        json.dump(truth_dict(case), handle, indent=2)
+    return folder
