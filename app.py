@@ -20,10 +20,12 @@ import argparse  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import shutil  # noqa: E402
 import stat  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
@@ -249,12 +251,21 @@ def _progress_adapter(progress: gr.Progress):
     return report
 
 
+#: Reports and uploads older than this are deleted, seconds.
+CACHE_MAX_AGE_S = 3600
+
+
 def _write_report(prediction, out_dir: Path) -> str:
+    """Write the JSON report to a fresh folder; delete reports older than an hour."""
     from femurrisk.report import to_json_dict
 
+    now = time.time()
+    for old in out_dir.iterdir():
+        if now - old.stat().st_mtime > CACHE_MAX_AGE_S:
+            shutil.rmtree(old, ignore_errors=True)
     run_dir = out_dir / uuid.uuid4().hex
     run_dir.mkdir(parents=True)
-    path = run_dir / "femurrisk_report.json"
+    path = run_dir / "result.json"
     path.write_text(json.dumps(to_json_dict(prediction), indent=2), encoding="utf-8")
     return str(path)
 
@@ -308,9 +319,9 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
         except Exception as exc:  # noqa: BLE001 - shown generically, logged in full
             _log_unexpected(exc)
             raise gr.Error(GENERIC_ERROR, print_exception=False) from None
-        summary = {s: viewers.side_summary_markdown(prediction.sides[s],
-                                                    prediction.threshold)
-                   for s in ("right", "left")}
+        summary = {side: viewers.side_summary_markdown(prediction.sides[side],
+                                                       prediction.threshold)
+                   for side in ("right", "left")}
         return (
             viewers.landmark_summary_markdown(prediction.landmarks),
             summary["right"],
@@ -328,7 +339,7 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
         return tuple(_figures(sides, opacity))
 
     with gr.Blocks(title="femurrisk (research demo)", analytics_enabled=False,
-                   delete_cache=(3600, 3600)) as demo:
+                   delete_cache=(CACHE_MAX_AGE_S, CACHE_MAX_AGE_S)) as demo:
         gr.HTML(BANNER, elem_id="banner")
         gr.Markdown(
             "# femurrisk\nEstimates, for each proximal femur, the risk of a pathologic "
