@@ -163,7 +163,17 @@ def _load_files(files: list[Path], series_uid: str | None) -> LoadedCT:
             "input must contain CT images, but it holds only ZIP archives; "
             "archives inside archives or folders are not opened, unpack them first"
         )
-    volume = read_ct_series(others, series_uid)
+    try:
+        volume = read_ct_series(others, series_uid)
+    except InputError:
+        if len(niftis) != 1:
+            raise
+        loaded = _load_nifti(niftis[0])  # e.g. a README beside the volume
+        loaded.warnings.append(
+            f"Read the one NIfTI volume; the {len(others)} other file(s) beside it "
+            "are not a readable CT series."
+        )
+        return loaded
     if niftis or nested:
         volume.warnings.append(
             f"Ignored {len(niftis) + len(nested)} NIfTI or ZIP file(s) found beside "

@@ -523,7 +523,11 @@ def test_zip_holding_a_nifti(tmp_path, scratch):
     write_nifti(tmp_path / "v.nii.gz", RAS_AFFINE)
     with zipfile.ZipFile(tmp_path / "n.zip", "w") as bundle:
         bundle.write(tmp_path / "v.nii.gz", "folder/v.nii.gz")
-    assert_marker_kept(load_ct(tmp_path / "n.zip"))
+        bundle.writestr("folder/README.txt", "scan exported for femurrisk")
+    loaded = load_ct(tmp_path / "n.zip")
+    assert loaded.kind == "nifti"
+    assert_marker_kept(loaded)
+    assert any("1 other file(s)" in text for text in loaded.warnings)
     assert list(scratch.iterdir()) == []
 
 
