@@ -216,7 +216,7 @@ def axial_viewer(
                        "right on the screen's left; cranial to caudal</sup>"},
         sliders=[slider],
         annotations=_edge_labels(),
-        margin={"l": 40, "r": 20, "t": 70, "b": 20},
+        margin={"l": 40, "r": 20, "t": 95, "b": 20},
         height=620,
         paper_bgcolor="#1b1b1b", plot_bgcolor="#000000", font={"color": "#e8e8e8"},
         meta={"side": side, "n_slices": n_slices},
