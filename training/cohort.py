@@ -846,7 +846,10 @@ def generate_case(
     risks: dict[str, float] = {}
     implants: dict[str, bool] = {}
     mean_scale = float(np.mean(scale))
-    for side in SIDES:
+    # Drawn in source-side order, so that forcing ``mirror`` moves the same lesion,
+    # label and implant to the other patient side together with the anatomy.
+    for source in SIDES:
+        side = side_of[source]
         target = None if positive_fraction is None else int(
             rng.random() < positive_fraction)
         draft, label, risk = None, 0, BASELINE_RISK
@@ -865,7 +868,8 @@ def generate_case(
         lesions[side] = draft.params if draft else None
         labels[side], risks[side] = label, risk
     implant_params = {}
-    for side in SIDES:
+    for source in SIDES:
+        side = side_of[source]
         implants[side] = bool(rng.random() < implant_probability)
         if implants[side]:
             lateral = 1.0 if side == "right" else -1.0
@@ -897,7 +901,8 @@ def generate_case(
         case_id=case_id, seed=seed, image=image,
         aiis_world_mm={s: as_tuple(aiis[s]) for s in SIDES},
         femoral_head_world_mm={s: as_tuple(heads[s]) for s in SIDES},
-        lesion=lesions, label=labels, true_risk=risks, implant=implants,
+        lesion={s: lesions[s] for s in SIDES}, label={s: labels[s] for s in SIDES},
+        true_risk={s: risks[s] for s in SIDES}, implant={s: implants[s] for s in SIDES},
         lesion_mask=lesion_mask, site=site_obj.name, mirrored=mirrored, params=params,
     )
 
