@@ -354,12 +354,12 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
                     files = gr.File(
                         value=cases[first_case], file_count="multiple",
                         label="CT: a NIfTI (.nii, .nii.gz), DICOM files or a .zip",
-                        elem_id="ct-files",
+                        elem_id="ct-files", height=220,
                     )
                 with gr.Tab("Folder"):
                     folder = gr.File(file_count="directory",
                                      label="CT: a folder holding one DICOM series",
-                                     elem_id="ct-folder")
+                                     elem_id="ct-folder", height=220)
             with gr.Column(scale=1):
                 example = gr.Dropdown(list(cases), value=first_case, label="Examples",
                                       elem_id="examples")
@@ -383,16 +383,22 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
         download = gr.DownloadButton("Download JSON report", visible=False,
                                      elem_id="download")
 
+        results = [landmark_md, right_md, right_plot, left_md, left_plot, warnings_md,
+                   download, result_state]
+
+        def clear_results():
+            """Results of an earlier scan must never stand beside a new input."""
+            return ("", "", None, "", None, "", gr.DownloadButton(visible=False), None)
+
+        # One input at a time: choosing an example or uploading empties the other.
         example.input(lambda label: (cases[label], None), inputs=example,
                       outputs=[files, folder])
         folder.upload(lambda: None, outputs=files)
         files.upload(lambda: None, outputs=folder)
-        predict_btn.click(
-            predict, inputs=[files, folder, opacity],
-            outputs=[landmark_md, right_md, right_plot, left_md, left_plot, warnings_md,
-                     download, result_state],
-            concurrency_limit=1,
-        )
+        for component in (files, folder):
+            component.change(clear_results, outputs=results, queue=False)
+        predict_btn.click(predict, inputs=[files, folder, opacity], outputs=results,
+                          concurrency_limit=1)
         opacity.release(redraw, inputs=[opacity, result_state],
                         outputs=[right_plot, left_plot])
     return demo

@@ -159,6 +159,11 @@ def test_ui_with_a_stand_in_predictor(browser_page):
         assert len(before) == len(after) == 2 and before != after
         assert len(page.requests) == n_requests  # the slider works in the browser
         _screenshot(page, "app_stand_in_predictor.png")
+
+        # A new input clears the old results: they belong to another scan.
+        page.locator("#ct-files").get_by_role("button", name="Clear").first.click()
+        sync_api.expect(page.locator("#result-left")).not_to_contain_text("%")
+        assert page.locator("#plot-left .js-plotly-plot").count() == 0
         _assert_stayed_local(page)
     finally:
         demo.close()
