@@ -458,9 +458,28 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
 
-    launch(build_demo(device=args.device), host=args.host, port=args.port,
-           share=args.share, auth=auth)
+    predictor = _load_predictor(args.device)
+    if predictor is None:
+        return 1
+    launch(build_demo(predictor), host=args.host, port=args.port, share=args.share,
+           auth=auth)
     return 0
+
+
+def _load_predictor(device: str | None):
+    """Load the models before serving, so that a missing weight file stops the start.
+
+    Returns:
+        The Predictor, or None after logging why it could not be created.
+    """
+    logger.info("loading models")
+    try:
+        from femurrisk.pipeline import Predictor
+
+        return Predictor(device=device)
+    except Exception as exc:  # noqa: BLE001 - reported to the operator, then exit
+        logger.error("cannot load the models: %s: %s", type(exc).__name__, exc)
+        return None
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def test_predict_handler_fills_both_sides_and_writes_the_report():
         outputs
     )
     assert predictor.sources == ["scan.nii.gz"]
-    assert DECISION_IMPLANT in right_md and "81.0 %, shown for reference only" in right_md
+    assert DECISION_IMPLANT in right_md
+    assert "81.0 %, shown for reference only" in right_md
     assert "12.0 %" in left_md and DECISION_LOW in left_md
     assert "right AIIS was not found" in landmark_md
     assert "a synthetic warning" in warn_md
@@ -247,7 +248,8 @@ def test_main_warns_about_share(monkeypatch, capsys):
     monkeypatch.setenv(app.ENV_USERNAME, "ops")
     monkeypatch.setenv(app.ENV_PASSWORD, "long-password")
     launched = {}
-    monkeypatch.setattr(app, "build_demo", lambda **k: "demo")
+    monkeypatch.setattr(app, "_load_predictor", lambda device: "predictor")
+    monkeypatch.setattr(app, "build_demo", lambda predictor, **k: "demo")
     monkeypatch.setattr(app, "launch", lambda demo, **k: launched.update(k))
     assert app.main(["--share"]) == 0
     assert launched["share"] is True and launched["auth"] == [("ops", "long-password")]
