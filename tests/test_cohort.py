@@ -174,3 +174,27 @@ def test_write_nifti(tmp_path, case_pair):
     assert set(np.unique(landmarks)) == {0, 1, 2}
     lesions = np.asarray(nib.load(folder / "lesions.nii.gz").dataobj)
     assert np.array_equal(lesions, case.lesion_mask)
+
+
+def test_landmarks_follow_the_image(case_pair):
+    """Head centres sit in bone and each AIIS point within 9 mm of cortical bone."""
+    clean = cohort.generate_case(3, 9, positive_fraction=None, lesion_probability=0.0,
+                                 implant_probability=0.0)
+    for case in (*case_pair, clean):
+        volume = np.asarray(case.image.dataobj)
+        inverse = np.linalg.inv(case.image.affine)
+        spacing = np.abs(np.diag(case.image.affine)[:3])
+        for side in cohort.SIDES:
+            if case.lesion[side] is not None or case.implant[side]:
+                continue
+            head = np.round(nib.affines.apply_affine(
+                inverse, case.femoral_head_world_mm[side])).astype(int)
+            r = np.maximum(1, np.round(6.0 / spacing)).astype(int)
+            ball = volume[tuple(slice(c - n, c + n + 1) for c, n in zip(head, r))]
+            assert 100.0 < float(np.median(ball)) < 700.0
+        for side in cohort.SIDES:
+            aiis = np.round(nib.affines.apply_affine(
+                inverse, case.aiis_world_mm[side])).astype(int)
+            r = np.maximum(1, np.round(9.0 / spacing)).astype(int)
+            near = volume[tuple(slice(c - n, c + n + 1) for c, n in zip(aiis, r))]
+            assert float(near.max()) > 300.0

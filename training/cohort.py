@@ -429,11 +429,12 @@ def _random_rotation(rng: np.random.Generator, max_deg: float) -> tuple[np.ndarr
     return rz @ ry @ rx, angles.tolist()
 
 
-def _warp_base(base: _Base, tf: _Transform, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _warp_base(base: _Base, tf: _Transform, pad: int):
     """Base volume and femur labels resampled on a padded copy of the base grid.
 
-    Returns the deformed volume, the deformed femur labels and the grid's affine; the
-    grid is in deformed space, i.e. output world minus the translation.
+    Returns the deformed volume, the deformed femur labels, the grid's affine (the
+    grid is in deformed space, i.e. output world minus the translation) and the z
+    range (mm) of the slices that lie wholly within the base's z extent.
     """
     spacing = np.diag(base.affine)[:3]
     shape = np.array(base.volume_hu.shape) + 2 * pad
@@ -448,12 +449,16 @@ def _warp_base(base: _Base, tf: _Transform, pad: int) -> tuple[np.ndarray, np.nd
         p = inv[r, 0] * grids[0] + inv[r, 1] * grids[1] + inv[r, 2] * grids[2]
         p = p + disp[r] + (tf.centre[r] - base.affine[r, 3])
         coords[r] = p / spacing[r]
+    nz = base.volume_hu.shape[2]
+    inside_z = ((coords[2] >= 0) & (coords[2] <= nz - 1)).all(axis=(0, 1))
     volume = ndi.map_coordinates(base.volume_hu, coords, order=1, mode="constant",
                                  cval=AIR_HU, output=np.float32)
     femur = ndi.map_coordinates(base.femur, coords, order=0, mode="constant", cval=0)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = origin
-    return volume, femur.astype(np.uint8), affine
+    full = np.flatnonzero(inside_z)
+    z_range = (axes[2][full[0]], axes[2][full[-1]]) if len(full) else (axes[2][0],) * 2
+    return volume, femur.astype(np.uint8), affine, z_range
 
 
 def _resample_axis(arr: np.ndarray, axis: int, frac: np.ndarray, cval: float,
@@ -600,8 +605,9 @@ def _draft_lesion(rng, grid: _Grid, femur_side: np.ndarray, head, troch,
     ijk = grid.index(centre) - np.array([s.start for s in box])
     ijk = np.clip(np.round(ijk).astype(int), 0, np.array(femur_box.shape) - 1)
     if not femur_box[tuple(ijk)]:
-        _, nearest = ndi.distance_transform_edt(~femur_box, return_indices=True)
-        ijk = nearest[:, ijk[0], ijk[1], ijk[2]]
+        candidates = np.argwhere(femur_box)
+        offsets = (candidates - ijk) * grid.spacing
+        ijk = candidates[np.argmin((offsets**2).sum(axis=1))]
     centre = np.array([grid.axes[a][box[a].start + ijk[a]] for a in range(3)])
 
     box = grid.box(centre, float(radii.max()) * 1.4 + 2.0 * float(grid.spacing.max()))
@@ -800,7 +806,7 @@ def generate_case(
     shaft = {side_of[s]: tf.forward(base.shaft_mm[s]) for s in SIDES}
 
     # Deform at the base's 3 mm, then blur for slice thickness and kernel.
-    volume_d, femur_d, affine_d = _warp_base(base, tf, pad=8)
+    volume_d, femur_d, affine_d, z_full = _warp_base(base, tf, pad=8)
     thickness = site_obj.slice_thickness_mm
     sigma_z = np.sqrt(max(thickness**2 - spacing[2] ** 2, 0.0)) / 2.355 / spacing[2]
     kernel_amount = rng.uniform(0.5, 1.0)
@@ -820,12 +826,11 @@ def generate_case(
     body_centre = np.r_[centre[0], lo[1] + spacing[1] * base.volume_hu.shape[1] / 2.0]
     fov_centre = body_centre + translation[:2] + rng.normal(0.0, 10.0, 2)
     fov_centre[1] -= site_obj.table_shift_mm + rng.uniform(-10.0, 10.0)
-    d_lo = affine_d[:3, 3] + translation
-    d_hi = d_lo + spacing * (np.array(volume_d.shape) - 1)
     head_z = min(h[2] for h in heads.values())
     aiis_z = max(p[2] for p in aiis.values())
-    z_bottom = max(head_z - rng.uniform(45.0, 125.0), d_lo[2] + 6.0)
-    z_top = min(aiis_z + rng.uniform(90.0, 330.0), d_hi[2] - 6.0)
+    # Slices partly outside the real scan's extent would show its tilted edge.
+    z_bottom = max(head_z - rng.uniform(45.0, 125.0), z_full[0] + translation[2])
+    z_top = min(aiis_z + rng.uniform(90.0, 330.0), z_full[1] + translation[2])
     n_xy = int(round(fov / pixel))
     n_z = int(np.floor((z_top - z_bottom) / dz)) + 1
     origin = np.r_[fov_centre - pixel * (n_xy - 1) / 2.0, z_bottom]
@@ -973,3 +978,104 @@ def write_nifti(case: SyntheticCase, folder: str | Path) -> Path:
     with open(folder / "truth.json", "w") as handle:
         json.dump(truth_dict(case), handle, indent=2)
     return folder
+
+
+# --- Contact sheet and command line ------------------------------------------------------
+
+
+def _views(volume, affine, aiis_mm, head_mm):
+    """Coronal through the heads and axial at head, AIIS and 60 mm below the AIIS."""
+    inverse = np.linalg.inv(affine)
+    head = np.mean([nib.affines.apply_affine(inverse, p) for p in head_mm.values()], 0)
+    aiis = np.mean([nib.affines.apply_affine(inverse, p) for p in aiis_mm.values()], 0)
+    dz = affine[2, 2]
+    levels = [head[2], aiis[2], aiis[2] - 60.0 / dz]
+    coronal = volume[:, int(round(head[1])), :]
+    axials = [volume[:, :, int(np.clip(round(k), 0, volume.shape[2] - 1))]
+              if 0 <= round(k) < volume.shape[2] else None for k in levels]
+    return coronal, axials, affine[2, 2] / affine[0, 0]
+
+
+def render_contact_sheet(path: str | Path, seed: int = 0,
+                         case_ids: tuple[int, ...] = (0, 2, 3, 4)) -> Path:
+    """Save a PNG of the real scan beside generated cases (bone-ish window).
+
+    Args:
+        path: PNG to write.
+        seed: Cohort seed.
+        case_ids: Cases to show, one row each.
+
+    Returns:
+        The path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    real = nib.as_closest_canonical(nib.load(_real_ct_path()))
+    rows = [("real scan (implant left)", np.asarray(real.dataobj, dtype=np.float32),
+             real.affine,
+             {s: nib.affines.apply_affine(real.affine, REAL_AIIS_VOXEL[s]) for s in SIDES},
+             {s: nib.affines.apply_affine(real.affine, REAL_HEAD_VOXEL[s]) for s in SIDES},
+             None)]
+    for case_id in case_ids:
+        case = generate_case(seed, case_id)
+        lesions = ", ".join(f"{s[0].upper()}:{case.lesion[s].kind[:5]}" if case.lesion[s]
+                            else f"{s[0].upper()}:-" for s in SIDES)
+        title = (f"case {case_id} site {case.site}{' mirrored' if case.mirrored else ''}"
+                 f" | {lesions} | label L{case.label['left']} R{case.label['right']}"
+                 f"{' | implant' if any(case.implant.values()) else ''}")
+        rows.append((title, np.asarray(case.image.dataobj), case.image.affine,
+                     case.aiis_world_mm, case.femoral_head_world_mm, case.lesion_mask))
+
+    fig, axes = plt.subplots(len(rows), 4, figsize=(10, 2.6 * len(rows)),
+                             gridspec_kw={"width_ratios": [1.3, 1, 1, 1]})
+    names = ["coronal through heads", "axial at heads", "axial at AIIS",
+             "axial AIIS - 60 mm"]
+    for row, (title, volume, affine, aiis, heads, lesion_mask) in zip(axes, rows):
+        coronal, axials, aspect = _views(volume, affine, aiis, heads)
+        row[0].imshow(coronal.T, origin="lower", cmap="gray", vmin=-250, vmax=1250,
+                      aspect=aspect)
+        row[0].set_ylabel(title, fontsize=6)
+        for ax, image, name in zip(row[1:], axials, names[1:]):
+            if image is not None:
+                ax.imshow(image.T, origin="lower", cmap="gray", vmin=-250, vmax=1250)
+            ax.set_title(name, fontsize=6)
+        row[0].set_title(names[0], fontsize=6)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle("femurrisk synthetic cohort beside the real scan (window -250..1250 HU;"
+                 " image left = patient's left, anterior up)", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    from PIL import Image
+
+    Image.open(path).convert("L").save(path, optimize=True)  # grey PNG, a third the size
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m training.cohort --write 3 --out DIR`` or ``--contact-sheet PNG``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Synthetic femurrisk cohort.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write", type=int, default=0, help="cases to write as NIfTI")
+    parser.add_argument("--out", type=Path, default=Path("out/cohort"))
+    parser.add_argument("--contact-sheet", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    for case_id in range(args.write):
+        folder = write_nifti(generate_case(args.seed, case_id),
+                             args.out / f"case_{case_id:06d}")
+        logger.info("wrote %s", folder)
+    if args.contact_sheet is not None:
+        logger.info("wrote %s", render_contact_sheet(args.contact_sheet, args.seed))
+
+
+if __name__ == "__main__":
+    main()
