@@ -6,14 +6,27 @@ column direction cosine ``IOP[3:6]`` by ``PixelSpacing[0]`` (DICOM PS3.3 C.7.6.2
 and index ``s`` along the slice normal, cranial or caudal as the positions run. With
 that order the affine is simply [row cosine, column cosine, normal] times spacing.
 
+Compressed pixel data are decoded in a separate worker process with a time limit
+(:class:`_IsolatedDecoder`), so a decoder that crashes or hangs on a corrupt frame
+ends in an :class:`InputError` instead of taking the application down; uncompressed
+and deflated data are read in-process.
+
 Nothing here ever puts a file name or a patient attribute into a message or a log
 line; series are named by SeriesNumber and SeriesDescription only.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,13 +34,18 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
+from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_j2k_parameters
 from pydicom.uid import (
-    JPEG2000TransferSyntaxes,
+    UID,
     CTImageStorage,
     EnhancedCTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
     LegacyConvertedEnhancedCTImageStorage,
     MediaStorageDirectoryStorage,
 )
@@ -71,6 +89,39 @@ AXIAL_MIN_COSINE = math.cos(math.radians(45.0))
 #: view when a tilted stack is straightened, HU (air).
 AIR_HU = -1024.0
 
+#: Longest time one compressed file may take to decode in the worker process, s.
+DECODE_TIMEOUT_S = 60.0
+
+#: Address-space limit of the decoder worker, bytes: a corrupt header that asks a
+#: decoder for an absurd buffer fails there instead of exhausting the machine.
+DECODER_MEMORY_BYTES = 8 * 1024**3
+
+#: How many leading bytes are searched for the first element of a DICOM file that
+#: has neither preamble nor file-meta header (some exporters prepend stray bytes).
+STRAY_BYTES_SEARCHED = 256
+
+#: A series whose slices are this far apart or less counts as thin, mm.
+THIN_SLICE_MM = 3.0
+
+#: An axial series covering less than this fraction of the longest axial series'
+#: extent counts as incomplete coverage when choosing a series.
+MIN_COVERAGE_FRACTION = 0.8
+
+#: ImageType values (PS3.3 C.7.6.1.1.2, C.8.16.1) of images that are not slices of
+#: a reconstructed volume: projections, renderings, curved reformats.
+PROJECTION_TYPES = frozenset(
+    {"MIP", "MINIP", "MINIMUM", "MAXIMUM", "PROJECTION IMAGE", "VOLUME RENDERING",
+     "VR", "SSD", "CURVED", "CPR", "SURFACE"}
+)
+
+#: ImageType values of planar reformats (multiplanar reconstructions).
+REFORMAT_TYPES = frozenset({"MPR", "REFORMATTED", "MULTIPLANAR"})
+
+#: Words in ConvolutionKernel or SeriesDescription that mark a reconstruction kernel,
+#: best first for bone: bone, then standard/soft/unknown, then lung.
+BONE_KERNEL_WORDS = ("BONE", "OSTEO", "KNOCHEN", "SKELET")
+LUNG_KERNEL_WORDS = ("LUNG", "PULMO", "LUNGE")
+
 
 @dataclass
 class DicomVolume:
@@ -102,6 +153,9 @@ class _Slice:
     shape: tuple[int, int]  # (Rows, Columns)
     slope: float
     intercept: float
+    thickness_mm: float | None = None
+    lead: int = 0  # stray bytes before the first element (file without preamble)
+    syntax: str | None = None  # declared TransferSyntaxUID, None when undeclared
 
 
 @dataclass
@@ -111,6 +165,8 @@ class _Series:
     uid: str
     number: str
     label: str
+    kernel: str = ""
+    reformat: bool = False
     slices: list[_Slice] = field(default_factory=list)
 
     @property
@@ -122,11 +178,16 @@ class _Series:
     def is_axial(self) -> bool:
         return abs(self.normal[2]) >= AXIAL_MIN_COSINE
 
+    def along_mm(self) -> np.ndarray:
+        """Sorted slice positions projected on the normal, mm."""
+        return np.sort([float(s.position @ self.normal) for s in self.slices])
+
     def name(self) -> str:
         """Series number and description, for messages (never an identifier)."""
         plane = "axial" if self.is_axial else "non-axial"
+        kind = " reformatted" if self.reformat else ""
         count = len(self.slices)
-        return f"series {self.number} '{self.label}' ({count} {plane} images)"
+        return f"series {self.number} '{self.label}' ({count} {plane}{kind} images)"
 
 
 @dataclass
@@ -135,6 +196,7 @@ class _Survey:
 
     series: dict[tuple, _Series] = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
+    repaired: int = 0  # files read past stray leading bytes
 
 
 # --- public entry point ---------------------------------------------------------------
@@ -143,20 +205,29 @@ class _Survey:
 def read_ct_series(files: Sequence[Path], series_uid: str | None = None) -> DicomVolume:
     """Read the CT series among ``files`` into a volume in Hounsfield units.
 
-    Files that are not CT images are skipped: DICOMDIR and other index files, non-DICOM
-    files, localizers (ImageType containing LOCALIZER), secondary captures and other
-    SOP classes, other modalities. The remaining slices are grouped by
-    SeriesInstanceUID, orientation, matrix and pixel size. Selection rule: the group
-    named by ``series_uid`` if given; else the axial group (slice normal within 45
-    degrees of the body axis) with the most slices; if no group is axial, the largest
-    group, with a warning. Other groups are listed in the warnings.
+    Files that are not CT slices are skipped: DICOMDIR and other index files,
+    non-DICOM files, localizers (ImageType LOCALIZER), secondary captures and other
+    SOP classes, other modalities, projections and curved reformats (MIP, volume
+    rendering, CPR), and non-axial planar reformats (MPR). The remaining slices are
+    grouped by SeriesInstanceUID, orientation, matrix and pixel size.
+
+    Selection rule, the series a radiologist would open to look at bone: the group
+    named by ``series_uid`` if given; otherwise among the axial groups (slice normal
+    within 45 degrees of the body axis), ranked in this order, original before
+    reformatted images; complete (at least two slices, no gap beyond 1.5 typical
+    steps, no shared position) before incomplete; covering at least 80 % of the
+    longest axial extent; bone kernel, then standard or unknown, then lung kernel
+    (ConvolutionKernel or SeriesDescription); thin (step at most 3 mm) before
+    thick; then the most slices. A non-axial original series is used only when
+    nothing axial exists, with a warning. The others are listed in the warnings.
 
     Slices are ordered by ImagePositionPatient projected on the slice normal and the
     slice spacing is taken from those positions, never from file names,
-    InstanceNumber or SliceThickness. A gantry-tilted (sheared) stack is straightened
-    by shifting each slice in-plane, and uneven spacing is resampled onto a regular
-    grid at the typical (median) step by linear interpolation along the normal; both
-    with a warning.
+    InstanceNumber or SliceThickness. Copies of the same slice (same position, same
+    pixels) are dropped with a warning; different images at one position are
+    refused. A gantry-tilted (sheared) stack is straightened by shifting each slice
+    in-plane, and uneven spacing is resampled onto a regular grid at the typical
+    (median) step by linear interpolation along the normal; both with a warning.
 
     Args:
         files: candidate files; anything that is not a CT image is ignored.
@@ -167,8 +238,8 @@ def read_ct_series(files: Sequence[Path], series_uid: str | None = None) -> Dico
 
     Raises:
         InputError: no CT series, the named series is absent, or the chosen series is
-            not a volume (too few slices, duplicated positions, large gaps, missing
-            geometry, undecodable or non-HU pixels).
+            not a volume (too few slices, different images at one position, large
+            gaps, missing geometry, undecodable, unsupported or non-HU pixels).
     """
     survey = _survey(files)
     series, warnings = _choose_series(survey, series_uid)
@@ -176,7 +247,11 @@ def read_ct_series(files: Sequence[Path], series_uid: str | None = None) -> Dico
     slices, offsets = _sort_along_normal(slices)
 
     volume = _read_pixels(slices, warnings)  # (column, row, slice)
+    volume, slices, offsets = _drop_repeated_positions(
+        volume, slices, offsets, warnings
+    )
     volume, step_mm = _regularise(volume, slices, offsets, warnings)
+    _note_overlap(slices, step_mm, warnings)
     affine = _affine_ras(slices[0], step_mm)
 
     rows, columns = slices[0].shape
@@ -195,13 +270,14 @@ def _survey(files: Sequence[Path]) -> _Survey:
     """Read every header once and sort the files into series or skip counts."""
     survey = _Survey()
     for path in files:
-        ds = _read_header(path)
+        ds, lead = _read_header(path)
         kind = _classify(ds)
         if kind != "ct":
             survey.skipped[kind] += 1
             continue
+        survey.repaired += bool(lead)
         try:
-            slices = _slices_of(path, ds)
+            slices = _slices_of(path, ds, lead)
         except _NotHounsfield as exc:
             label = f"CT image with values not in HU (Rescale Type '{exc}')"
             survey.skipped[label] += 1
@@ -209,6 +285,8 @@ def _survey(files: Sequence[Path]) -> _Survey:
         except (AttributeError, KeyError, IndexError, TypeError, ValueError):
             survey.skipped["CT image without usable geometry"] += 1
             continue
+        image_type = {str(v).strip().upper() for v in ds.get("ImageType", [])}
+        reformat = bool(image_type & REFORMAT_TYPES)
         for item in slices:
             key = (
                 str(ds.get("SeriesInstanceUID", "")),
@@ -222,18 +300,91 @@ def _survey(files: Sequence[Path]) -> _Survey:
                     number=str(ds.get("SeriesNumber") or "?"),
                     label=str(ds.get("SeriesDescription", "")).strip()
                     or "no description",
+                    kernel=_text(ds.get("ConvolutionKernel", "")),
+                    reformat=reformat,
                 )
             survey.series[key].slices.append(item)
+
+    # Planar reformats in another plane are views of a volume, not the volume.
+    for key, series in list(survey.series.items()):
+        if series.reformat and not series.is_axial:
+            survey.skipped["non-axial reformatted (MPR) image"] += len(series.slices)
+            del survey.series[key]
     return survey
 
 
-def _read_header(path: Path) -> Dataset | None:
-    """Header of a file read as DICOM, or None when it is not one."""
+def _text(value) -> str:
+    """A DICOM string or multi-valued string as one upper-case string."""
+    if isinstance(value, str):
+        return value.upper()
     try:
-        return pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        return " ".join(str(v) for v in value).upper()
+    except TypeError:
+        return str(value).upper()
+
+
+def _read_header(path: Path) -> tuple[Dataset | None, int]:
+    """Header of a file read as DICOM and its count of stray leading bytes.
+
+    Returns:
+        The dataset, or None when the file is not DICOM, and how many bytes before
+        the first element were skipped (0 for a well-formed file).
+    """
+    ds = _dcmread(path, 0, stop_before_pixels=True)
+    if ds is not None and _looks_like_image(ds):
+        return ds, 0
+    lead = _stray_lead(path)
+    if lead:
+        repaired = _dcmread(path, lead, stop_before_pixels=True)
+        if repaired is not None and _looks_like_image(repaired):
+            logger.info("A file had %d stray byte(s) before its first element", lead)
+            return repaired, lead
+    return ds, 0
+
+
+def _looks_like_image(ds: Dataset) -> bool:
+    return any(key in ds for key in ("Rows", "SOPClassUID", "Modality"))
+
+
+def _dcmread(path: Path, lead: int, **options) -> Dataset | None:
+    """pydicom's forced read from byte ``lead`` on, or None if it fails."""
+    try:
+        if lead == 0:
+            return pydicom.dcmread(path, force=True, **options)
+        with open(path, "rb") as handle:
+            handle.seek(lead)
+            return pydicom.dcmread(io.BytesIO(handle.read()), force=True, **options)
     except Exception as exc:  # pydicom raises many types on non-DICOM input
         logger.debug("A file is not readable as DICOM (%s)", type(exc).__name__)
         return None
+
+
+def _stray_lead(path: Path) -> int:
+    """Offset of a plausible first element (group 0008) within the first bytes.
+
+    A file without preamble and file-meta header starts directly with its dataset,
+    normally with group 0008. Some exporters put a stray byte or two in front; then
+    the first offset at which a group-0008 tag is followed by an explicit VR, or by
+    an implicit-VR length that fits in the file, is returned. 0 when none is found.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(STRAY_BYTES_SEARCHED + 8)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError:
+        return 0
+    if len(head) > 132 and head[128:132] == b"DICM":
+        return 0
+    for lead in range(1, min(STRAY_BYTES_SEARCHED, len(head) - 8)):
+        if head[lead : lead + 2] != b"\x08\x00":
+            continue
+        vr = head[lead + 4 : lead + 6]
+        if vr.isalpha() and vr.isupper():
+            return lead
+        (length,) = struct.unpack("<I", head[lead + 4 : lead + 8])
+        if length < 256 and lead + 8 + length <= size:
+            return lead
+    return 0
 
 
 def _classify(ds: Dataset | None) -> str:
@@ -243,7 +394,7 @@ def _classify(ds: Dataset | None) -> str:
     media_class = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")
     if media_class == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
         return "DICOMDIR index file"
-    if "Rows" not in ds and "SOPClassUID" not in ds and "Modality" not in ds:
+    if not _looks_like_image(ds):
         return "non-DICOM file"
     modality = str(ds.get("Modality", "")).upper()
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -253,31 +404,45 @@ def _classify(ds: Dataset | None) -> str:
         return f"{modality or 'unknown-modality'} object"
     if not sop_class and modality != "CT":
         return f"{modality or 'unknown-modality'} object"
-    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    image_type = {str(v).strip().upper() for v in ds.get("ImageType", [])}
     if "LOCALIZER" in image_type:
         return "localizer (scout) image"
+    if image_type & PROJECTION_TYPES:
+        return "MIP, rendering or curved-reformat image"
     if "Rows" not in ds:
         return "CT object without pixel data"
     return "ct"
 
 
-def _slices_of(path: Path, ds: Dataset) -> list[_Slice]:
-    """The 2D images of a CT file with their geometry and rescale (PS3.3 C.11.1)."""
+def _slices_of(path: Path, ds: Dataset, lead: int = 0) -> list[_Slice]:
+    """The 2D images of a CT file with their geometry and rescale (PS3.3 C.11.1).
+
+    Raises:
+        ValueError, AttributeError, ...: geometry or rescale missing or not finite.
+    """
     # Anonymisers sometimes blank the UID; then the file itself is the instance.
     uid = str(ds.get("SOPInstanceUID") or "") or f"file {path}"
     shape = (int(ds.Rows), int(ds.Columns))
+    if min(shape) < 1:
+        raise ValueError("empty matrix")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    common = dict(
+        path=path,
+        instance_uid=uid,
+        shape=shape,
+        thickness_mm=_thickness(ds),
+        lead=lead,
+        syntax=str(syntax) if syntax else None,
+    )
     if "PerFrameFunctionalGroupsSequence" not in ds:
         return [
             _Slice(
-                path=path,
                 frame=None,
-                instance_uid=uid,
                 position=_floats(ds.ImagePositionPatient, 3),
                 orientation=_floats(ds.ImageOrientationPatient, 6),
-                spacing=tuple(_floats(ds.PixelSpacing, 2)),
-                shape=shape,
-                slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-                intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+                spacing=_spacing(ds.PixelSpacing),
+                **_rescale(ds),
+                **common,
             )
         ]
     _check_rescale_type(ds)
@@ -293,21 +458,49 @@ def _slices_of(path: Path, ds: Dataset) -> list[_Slice]:
         _check_rescale_type(transform)
         slices.append(
             _Slice(
-                path=path,
                 frame=index,
-                instance_uid=uid,
                 position=_floats(
                     _group(frame, shared, "PlanePositionSequence").ImagePositionPatient,
                     3,
                 ),
                 orientation=_floats(orientation.ImageOrientationPatient, 6),
-                spacing=tuple(_floats(measures.PixelSpacing, 2)),
-                shape=shape,
-                slope=float(transform.get("RescaleSlope", 1.0) or 1.0),
-                intercept=float(transform.get("RescaleIntercept", 0.0) or 0.0),
+                spacing=_spacing(measures.PixelSpacing),
+                **_rescale(transform),
+                **common,
             )
         )
     return slices
+
+
+def _rescale(ds: Dataset) -> dict[str, float]:
+    """Finite RescaleSlope and RescaleIntercept (PS3.3 C.11.1.1.2), else ValueError.
+
+    Missing values mean the identity; a slope of 0 or a non-finite value cannot
+    give Hounsfield units.
+    """
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    slope = 1.0 if slope is None or slope == "" else float(slope)
+    intercept = 0.0 if intercept is None or intercept == "" else float(intercept)
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+        raise ValueError("rescale slope must be finite and non-zero")
+    return {"slope": slope, "intercept": intercept}
+
+
+def _spacing(value) -> tuple[float, float]:
+    """PixelSpacing as two positive finite numbers, else ValueError."""
+    spacing = _floats(value, 2)
+    if np.any(spacing <= 0):
+        raise ValueError("pixel spacing must be positive")
+    return float(spacing[0]), float(spacing[1])
+
+
+def _thickness(ds: Dataset) -> float | None:
+    """SliceThickness in mm when present and sensible; only used for a warning."""
+    try:
+        value = float(ds.get("SliceThickness"))
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _group(frame: Dataset, shared: Dataset, keyword: str) -> Dataset:
@@ -363,12 +556,25 @@ def _choose_series(
         series = chosen[0]
     else:
         axial = [s for s in candidates if s.is_axial]
-        series = (axial or candidates)[0]
+        pool = axial or [s for s in candidates if not s.reformat] or candidates
+        longest = max(_extent_mm(s) for s in pool)
+        series = min(pool, key=lambda s: _rank(s, longest))
 
     warnings = []
     if not series.is_axial:
         warnings.append(
             f"No axial CT series found; using the non-axial {series.name()}."
+        )
+    if series.reformat:
+        warnings.append(
+            f"Using reformatted images ({series.name()}); no original axial series "
+            "was found."
+        )
+    parts = [s for s in candidates if s is not series and s.uid == series.uid]
+    if parts:
+        warnings.append(
+            f"{sum(len(s.slices) for s in parts)} image(s) of the chosen series differ "
+            "in orientation, matrix or pixel size from the rest and were left out."
         )
     others = [s for s in candidates if s is not series]
     if others:
@@ -379,9 +585,46 @@ def _choose_series(
         )
     if survey.skipped:
         warnings.append("Skipped " + _count_phrase(survey.skipped) + ".")
+    if survey.repaired:
+        warnings.append(
+            f"{survey.repaired} file(s) had stray bytes before the DICOM header and "
+            "were read from the first element on."
+        )
     for text in warnings:
         logger.info(text)
     return series, warnings
+
+
+def _unique_along_mm(series: _Series) -> np.ndarray:
+    """Sorted positions on the normal, each SOP instance (and frame) once."""
+    unique = {(s.instance_uid, s.frame): s for s in series.slices}
+    normal = series.normal
+    return np.sort([float(s.position @ normal) for s in unique.values()])
+
+
+def _extent_mm(series: _Series) -> float:
+    along = _unique_along_mm(series)
+    return float(along[-1] - along[0])
+
+
+def _rank(series: _Series, longest_mm: float) -> tuple:
+    """Sort key of the selection rule; smaller is better."""
+    along = _unique_along_mm(series)
+    steps = np.diff(along)
+    complete = len(along) >= MIN_SLICES and bool(
+        np.all(steps >= SAME_POSITION_MM)
+        and steps.max() <= GAP_WARNING_FACTOR * np.median(steps)
+    )
+    covers = along[-1] - along[0] >= MIN_COVERAGE_FRACTION * longest_mm
+    words = f"{series.kernel} {series.label}".upper()
+    if any(word in words for word in BONE_KERNEL_WORDS):
+        kernel = 0
+    elif any(word in words for word in LUNG_KERNEL_WORDS):
+        kernel = 2
+    else:
+        kernel = 1
+    thin = len(steps) > 0 and float(np.median(steps)) <= THIN_SLICE_MM
+    return (series.reformat, not complete, not covers, kernel, not thin, -len(along))
 
 
 def _nothing_found_message(skipped: Counter) -> str:
@@ -446,16 +689,65 @@ def _sort_along_normal(slices: list[_Slice]) -> tuple[list[_Slice], np.ndarray]:
     offsets = np.stack(
         [delta @ row_cos / col_mm, delta @ col_cos / row_mm, delta @ normal], axis=1
     )
+    return slices, offsets
 
+
+def _drop_repeated_positions(
+    volume: np.ndarray, slices: list[_Slice], offsets: np.ndarray, warnings: list[str]
+) -> tuple[np.ndarray, list[_Slice], np.ndarray]:
+    """Drop extra copies of a slice at one position; refuse different images there.
+
+    Exporters sometimes write the same image twice under two SOP instance UIDs;
+    those copies carry no information and are dropped. Different images at one
+    position (several phases or acquisitions in one series) cannot make one volume.
+
+    Raises:
+        InputError: different images share a position, or too few slices remain.
+    """
     steps = np.diff(offsets[:, 2])
-    if np.any(steps < SAME_POSITION_MM):
-        shared = int(np.sum(steps < SAME_POSITION_MM)) + 1
+    repeated = np.flatnonzero(steps < SAME_POSITION_MM) + 1  # index of each repeat
+    if len(repeated) == 0:
+        return volume, slices, offsets
+    differing = 0
+    for k in repeated:
+        first = k - 1
+        while first in repeated:  # compare with the first image at this position
+            first -= 1
+        if np.max(np.abs(volume[:, :, k] - volume[:, :, first])) > 1.0:
+            differing += 1
+    keep = np.setdiff1d(np.arange(len(slices)), repeated)
+    shared = len(set(repeated.tolist()) | set((repeated - 1).tolist()))
+    if differing:
         raise InputError(
             "slices of a CT series must lie at distinct positions, but "
-            f"{shared} of {len(slices)} slices share a position: this is not a volume "
-            "(several acquisitions or phases mixed in one series?)"
+            f"{shared} of {len(slices)} slices share a position and show different "
+            "images: this is not a volume (several acquisitions or phases mixed in "
+            "one series?)"
         )
-    return slices, offsets
+    if len(keep) < MIN_SLICES:
+        raise InputError(
+            f"a CT series must have at least {MIN_SLICES} slice positions to make a "
+            f"volume, but all {len(slices)} slices lie at {len(keep)} position"
+        )
+    warnings.append(
+        f"Dropped {len(repeated)} repeated copies of slices at positions already "
+        "present (identical images)."
+    )
+    return volume[:, :, keep], [slices[k] for k in keep], offsets[keep]
+
+
+def _note_overlap(slices: list[_Slice], step_mm: float, warnings: list[str]) -> None:
+    """Warn when slices are thicker than their spacing (overlapping reconstruction)."""
+    thickness = [s.thickness_mm for s in slices if s.thickness_mm is not None]
+    if not thickness:
+        return
+    typical = float(np.median(thickness))
+    if 1.05 * step_mm < typical <= 10 * step_mm:  # beyond that the tag is wrong
+        warnings.append(
+            f"Slices are {typical:.2f} mm thick but {step_mm:.2f} mm apart (overlapping "
+            "reconstruction); voxels are spaced by position, detail along the body "
+            f"axis is that of {typical:.2f} mm slices."
+        )
 
 
 def _is_orthonormal(row_cos: np.ndarray, col_cos: np.ndarray) -> bool:
@@ -562,76 +854,317 @@ def _affine_ras(first: _Slice, step_mm: float) -> np.ndarray:
 
 
 def _read_pixels(slices: list[_Slice], warnings: list[str]) -> np.ndarray:
-    """Decode, rescale to HU and stack; axes (column, row, slice), float32."""
+    """Decode, rescale to HU and stack; axes (column, row, slice), float32.
+
+    Compressed (encapsulated) files go through one worker process for the whole
+    series; uncompressed and deflated files are read here.
+    """
     rows, columns = slices[0].shape
     volume = np.empty((columns, rows, len(slices)), dtype=np.float32)
-    cache: dict[Path, tuple[np.ndarray, tuple[int, int] | None]] = {}
+    cache: dict[Path, tuple[np.ndarray, tuple[int, int] | None, list[str]]] = {}
     notes: set[str] = set()
-    for k, item in enumerate(slices):
-        if item.path not in cache:
-            cache.clear()  # a file's frames are adjacent in practice; keep memory low
-            cache[item.path] = _stored_values(item.path, notes)
-        stored, padding = cache[item.path]
-        frame = stored if item.frame is None else stored[item.frame]
-        if frame.shape != (rows, columns):
-            raise InputError(
-                f"every slice must be {columns}x{rows} pixels, not "
-                f"{frame.shape[1]}x{frame.shape[0]}"
-            )
-        # Modality LUT, PS3.3 C.11.1.1.2: HU = stored * slope + intercept. It applies
-        # to stored values whatever the Photometric Interpretation, so MONOCHROME1
-        # needs no inversion here (that only concerns display).
-        hu = frame.astype(np.float32) * item.slope + item.intercept
-        if padding is not None:
-            hu[(frame >= padding[0]) & (frame <= padding[1])] = AIR_HU
-        volume[:, :, k] = hu.T  # (row, column) -> (column, row)
+    decoder = _IsolatedDecoder()
+    try:
+        for k, item in enumerate(slices):
+            if item.path not in cache:
+                cache.clear()  # a file's frames are adjacent in practice
+                if _is_compressed(item.syntax):
+                    cache[item.path] = decoder.decode(item.path, item.lead, item.syntax)
+                else:
+                    cache[item.path] = _decode_here(item.path, item.lead, item.syntax)
+            stored, padding, file_notes = cache[item.path]
+            notes.update(file_notes)
+            frame = stored if item.frame is None else stored[item.frame]
+            if frame.shape != (rows, columns):
+                raise InputError(
+                    f"every slice must be {columns}x{rows} pixels, not "
+                    f"{'x'.join(str(n) for n in frame.shape[::-1])}"
+                )
+            # Modality LUT, PS3.3 C.11.1.1.2: HU = stored * slope + intercept, per
+            # slice. It applies to stored values whatever the Photometric
+            # Interpretation, so MONOCHROME1 needs no inversion here (that only
+            # concerns display).
+            hu = frame.astype(np.float32) * item.slope + item.intercept
+            if padding is not None:
+                hu[(frame >= padding[0]) & (frame <= padding[1])] = AIR_HU
+            volume[:, :, k] = hu.T  # (row, column) -> (column, row)
+    finally:
+        decoder.close()
     warnings.extend(sorted(notes))
     return volume
 
 
-def _stored_values(
-    path: Path, notes: set[str]
-) -> tuple[np.ndarray, tuple[int, int] | None]:
-    """Stored values of a file and its padding range.
+def _is_compressed(syntax: str | None) -> bool:
+    """True for encapsulated transfer syntaxes; refuses those nothing can decode.
 
-    Returns:
-        Stored values, (rows, columns) or (frames, rows, columns), and the range of
-        stored values that marks padding, or None.
+    Raises:
+        InputError: an unknown transfer syntax, or one with no installed decoder.
     """
-    ds = None
+    if syntax is None:
+        return False
+    uid = UID(syntax)
+    if not uid.is_transfer_syntax:
+        raise InputError(
+            "CT pixel data must use a standard DICOM transfer syntax, but a slice "
+            "declares an unknown or private one"
+        )
+    if not uid.is_encapsulated:
+        return False
     try:
-        ds = pydicom.dcmread(path, force=True)
-        if "PixelData" not in ds:
-            raise InputError("a CT slice must contain pixel data, but one has none")
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-        if not photometric.startswith("MONOCHROME"):
-            raise InputError(
-                f"CT slices must be greyscale (MONOCHROME1/2), not {photometric}"
-            )
-        signed_j2k = _j2k_signed_mismatch(ds)
-        if signed_j2k:
-            ds.pixel_array_options(apply_j2k_sign_correction=False)
-        stored = ds.pixel_array
+        available = get_decoder(uid).is_available
+    except NotImplementedError:
+        available = False
+    if not available:
+        raise InputError(
+            "CT pixel data must be compressed in a supported format (uncompressed, "
+            "JPEG, JPEG-LS, JPEG 2000, RLE or deflate), but the series uses "
+            f"{uid.name}, for which no decoder is installed; export it uncompressed"
+        )
+    return True
+
+
+def _syntax_name(syntax: str | None) -> str:
+    return UID(syntax).name if syntax else "an undeclared transfer syntax"
+
+
+def _decode_here(
+    path: Path, lead: int, syntax: str | None
+) -> tuple[np.ndarray, tuple[int, int] | None, list[str]]:
+    """:func:`_decode_file` in this process, every failure as an InputError."""
+    try:
+        return _decode_file(path, lead)
     except InputError:
         raise
     except Exception as exc:  # decoders raise many types; their text may hold paths
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", "an undeclared transfer syntax")
         logger.warning("Pixel decoding failed (%s)", type(exc).__name__)
-        raise InputError(
-            f"CT pixel data must be decodable, but a slice encoded with {name} "
-            "could not be decoded"
-        ) from None
+        raise InputError(_undecodable_message(syntax)) from None
 
+
+def _undecodable_message(syntax: str | None, why: str = "could not be decoded") -> str:
+    return (
+        f"CT pixel data must be decodable, but a slice encoded with "
+        f"{_syntax_name(syntax)} {why}: the file is damaged or truncated"
+    )
+
+
+def _decode_file(
+    path: Path, lead: int = 0
+) -> tuple[np.ndarray, tuple[int, int] | None, list[str]]:
+    """Stored values of a file, its padding range and notes for the user.
+
+    Returns:
+        Stored values, (rows, columns) or (frames, rows, columns); the range of
+        stored values that marks padding, or None; notes such as a signedness fix.
+
+    Raises:
+        InputError: no pixel data, not greyscale. Anything else a decoder raises is
+            passed on for the caller to translate.
+    """
+    with open(path, "rb") as handle:
+        handle.seek(lead)
+        ds = pydicom.dcmread(handle, force=True)
+    _declare_syntax(ds)
+    if "PixelData" not in ds:
+        raise InputError("a CT slice must contain pixel data, but one has none")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if not photometric.startswith("MONOCHROME") or int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise InputError(
+            f"CT slices must be greyscale (MONOCHROME1/2), not {photometric[:16]}"
+        )
+    notes = []
+    signed_j2k = _j2k_signed_mismatch(ds)
+    if signed_j2k:
+        ds.pixel_array_options(apply_j2k_sign_correction=False)
+    stored = ds.pixel_array
     if signed_j2k:
         # The codestream says signed, PixelRepresentation says unsigned; the
         # codestream is what the encoder actually wrote, so it wins.
         stored = stored.view(stored.dtype.str.replace("u", "i"))
-        notes.add(
+        notes.append(
             "JPEG 2000 data is signed although the header says unsigned; "
             "read as signed."
         )
-    return stored, _padding_range(ds)
+    if not np.issubdtype(stored.dtype, np.integer) and not np.issubdtype(
+        stored.dtype, np.floating
+    ):
+        raise InputError(f"CT pixel data must be numbers, not {stored.dtype}")
+    return stored, _padding_range(ds), notes
+
+
+def _declare_syntax(ds: Dataset) -> None:
+    """Give a dataset read without file meta the transfer syntax it was read with."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        implicit, little = True, True
+    if implicit:
+        syntax = ImplicitVRLittleEndian
+    else:
+        syntax = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    ds.file_meta = meta if meta is not None else FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+
+
+# --- decoding in a worker process -----------------------------------------------------
+
+
+class _DecoderFailed(Exception):
+    """The worker process died or ran past its time."""
+
+
+class _IsolatedDecoder:
+    """Decodes compressed files in a worker process, one file at a time.
+
+    The worker is started on first use and serves every compressed file of a series;
+    a crash (e.g. a segmentation fault inside a codec), a hang past
+    :data:`DECODE_TIMEOUT_S` or an exception all end in an :class:`InputError` here,
+    and the worker is killed. Requests and replies are pickles framed by an 8-byte
+    length on the worker's stdin and stdout; its stderr is discarded because codec
+    messages may quote file names.
+    """
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+
+    def decode(
+        self, path: Path, lead: int, syntax: str | None
+    ) -> tuple[np.ndarray, tuple[int, int] | None, list[str]]:
+        """Decode one file in the worker.
+
+        Raises:
+            InputError: the file could not be decoded, the decoder crashed, or it
+                took longer than :data:`DECODE_TIMEOUT_S`.
+        """
+        try:
+            if self._process is None:
+                self._process = _start_worker()
+            request = pickle.dumps((str(path), lead))
+            self._process.stdin.write(struct.pack("<Q", len(request)) + request)
+            self._process.stdin.flush()
+            deadline = time.monotonic() + DECODE_TIMEOUT_S
+            (size,) = struct.unpack("<Q", self._receive(8, deadline))
+            reply = pickle.loads(self._receive(size, deadline))
+        except _DecoderFailed as exc:
+            self.close()
+            logger.warning("Decoder worker failed: %s", exc)
+            raise InputError(_undecodable_message(syntax, str(exc))) from None
+        except (OSError, EOFError, pickle.UnpicklingError, struct.error):
+            self.close()
+            logger.warning("Decoder worker stopped unexpectedly")
+            raise InputError(
+                _undecodable_message(syntax, "stopped the decoder")
+            ) from None
+
+        status, *payload = reply
+        if status == "ok":
+            return payload[0], payload[1], payload[2]
+        if status == "input":
+            raise InputError(payload[0])
+        logger.warning("Pixel decoding failed in the worker (%s)", payload[0])
+        raise InputError(_undecodable_message(syntax))
+
+    def _receive(self, count: int, deadline: float) -> bytes:
+        """Exactly ``count`` bytes from the worker, or :class:`_DecoderFailed`."""
+        fd = self._process.stdout.fileno()
+        chunks, remaining = [], count
+        while remaining:
+            wait = deadline - time.monotonic()
+            ready = select.select([fd], [], [], max(wait, 0.0))[0] if wait > 0 else []
+            if not ready:
+                raise _DecoderFailed(
+                    f"did not finish within {DECODE_TIMEOUT_S:g} s and was stopped"
+                )
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                code = self._process.wait(timeout=5)
+                raise _DecoderFailed(f"crashed the decoder (exit status {code})")
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        """Stop the worker, if one runs."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def _worker_command() -> list[str]:
+    """Command line of the decoder worker (a fresh interpreter, no forked state)."""
+    return [
+        sys.executable,
+        "-c",
+        "from femurrisk.dicom import serve_decoder; serve_decoder()",
+    ]
+
+
+def _start_worker() -> subprocess.Popen:
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (package_root, env.get("PYTHONPATH", "")) if p
+    )
+    return subprocess.Popen(
+        _worker_command(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        bufsize=0,
+        env=env,
+        close_fds=True,
+    )
+
+
+def serve_decoder() -> None:
+    """Worker loop: decode the files named on stdin, reply on stdout, until EOF.
+
+    Run by :class:`_IsolatedDecoder` in a separate interpreter; not for direct use.
+    """
+    try:
+        import resource
+
+        resource.setrlimit(
+            resource.RLIMIT_AS, (DECODER_MEMORY_BYTES, DECODER_MEMORY_BYTES)
+        )
+    except (ImportError, ValueError, OSError):
+        pass
+    requests = os.fdopen(os.dup(0), "rb", buffering=0)
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything a codec prints must not corrupt the replies
+    while header := requests.read(8):
+        (size,) = struct.unpack("<Q", header)
+        path, lead = pickle.loads(_read_all(requests, size))
+        try:
+            reply = ("ok", *_decode_file(Path(path), lead))
+        except InputError as exc:
+            reply = ("input", str(exc))
+        except BaseException as exc:  # noqa: BLE001 - report, never die silently
+            reply = ("failed", type(exc).__name__)
+        data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        replies.write(struct.pack("<Q", len(data)) + data)
+        replies.flush()
+
+
+def _read_all(stream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = stream.read(size - len(data))
+        if not chunk:
+            raise EOFError("request cut short")
+        data += chunk
+    return data
 
 
 def _j2k_signed_mismatch(ds: Dataset) -> bool:

@@ -353,9 +353,23 @@ def test_large_gap_refused(tmp_path):
         load_ct(tmp_path / "s")
 
 
-def test_duplicate_positions_refused(tmp_path):
-    positions = [np.array([-80.0, -90.0, 0.0])] * 3 + [np.array([-80.0, -90.0, 3.0])]
+def test_identical_images_at_one_position_dropped(tmp_path):
+    # Three copies of one image under different SOP instance UIDs, then more slices.
+    positions = [np.array([-80.0, -90.0, 0.0])] * 3 + [
+        np.array([-80.0, -90.0, 3.0 * k]) for k in range(1, 6)
+    ]
     write_series(tmp_path / "s", positions=positions)
+    loaded = load_ct(tmp_path / "s")
+    assert loaded.image.shape[2] == 6
+    assert any("Dropped 2 repeated copies" in text for text in loaded.warnings)
+
+
+def test_different_images_at_one_position_refused(tmp_path):
+    positions = [np.array([-80.0, -90.0, 0.0])] * 3 + [np.array([-80.0, -90.0, 3.0])]
+    paths = write_series(tmp_path / "s", positions=positions)
+    ds = pydicom.dcmread(paths[1])
+    ds.PixelData = (ds.pixel_array + 50).astype(np.int16).tobytes()  # another phase
+    ds.save_as(paths[1])
     with pytest.raises(InputError, match="must lie at distinct positions"):
         load_ct(tmp_path / "s")
 
@@ -595,10 +609,15 @@ def test_real_j2k_series():
 
 
 def copies_of(source: Path, folder: Path, count: int = 2) -> Path:
-    """Write ``count`` copies of one real slice, one per 3 mm, to make a series."""
+    """Write ``count`` copies of one real slice, one per 3 mm, to make a series.
+
+    The copies are marked as original images, so that a reformat's pixels can be
+    read as a (non-axial) series.
+    """
     folder.mkdir()
     for k in range(count):
         ds = pydicom.dcmread(source)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.SOPInstanceUID = generate_uid()
         ipp = [float(v) for v in ds.ImagePositionPatient]
         normal = np.cross(
@@ -645,8 +664,8 @@ def test_garbage_pixels_refused(tmp_path):
     [
         ("MAROTECH_CT_JP2Lossy.dcm", "only 1 localizer"),
         ("eCT_Supplemental.dcm", r"values not in HU \(Rescale Type 'US'\)"),
-        ("TOSHIBA_J2K_SIZ0_PixRep1.dcm", "at least 2 slices"),
-        ("no_meta.dcm", "not a CT volume"),
+        ("TOSHIBA_J2K_SIZ0_PixRep1.dcm", "only 1 non-axial reformatted"),
+        ("no_meta.dcm", "at least 2 slices"),
     ],
 )
 def test_real_single_files_refused(name, message):
