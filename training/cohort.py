@@ -96,7 +96,7 @@ _REPLACE_K = (18, 22)
 _BONE_HU = 150.0
 
 
-# --- Data classes ------------------------------------------------------------------------
+# --- Data classes ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ class SyntheticCase:
     params: dict = field(default_factory=dict)
 
 
-# --- Base volume -------------------------------------------------------------------------
+# --- Base volume ----------------------------------------------------------------------
 
 
 @dataclass
@@ -368,7 +368,7 @@ def base_volume() -> _Base:
     return base
 
 
-# --- Spatial transform -------------------------------------------------------------------
+# --- Spatial transform ----------------------------------------------------------------
 
 
 def _bspline(u: np.ndarray) -> np.ndarray:
@@ -492,7 +492,7 @@ def _resample_grid(arr, src_affine, axes_mm, cval, order):
     return out
 
 
-# --- Fracture risk -----------------------------------------------------------------------
+# --- Fracture risk --------------------------------------------------------------------
 
 #: Risk of a side without a metastasis (fractures of normal bone within 3 months).
 BASELINE_RISK = 0.002
@@ -534,7 +534,7 @@ def fracture_risk(lesion: LesionParams | None) -> float:
     return float(1.0 / (1.0 + np.exp(-logit)))
 
 
-# --- Lesions and implants ----------------------------------------------------------------
+# --- Lesions and implants -------------------------------------------------------------
 
 
 @dataclass
@@ -734,7 +734,7 @@ def _add_streaks(rng, volume, metal, grid: _Grid, zs: np.ndarray) -> None:
         volume[box[0], box[1], z] += (strength * streak * decay).astype(np.float32)
 
 
-# --- The generator -----------------------------------------------------------------------
+# --- The generator --------------------------------------------------------------------
 
 
 def _other(side: str) -> str:
@@ -912,7 +912,7 @@ def generate_case(
     )
 
 
-# --- Writing -----------------------------------------------------------------------------
+# --- Writing --------------------------------------------------------------------------
 
 
 def _balls(shape, affine, centres, radius_mm: float) -> np.ndarray:
@@ -980,7 +980,7 @@ def write_nifti(case: SyntheticCase, folder: str | Path) -> Path:
     return folder
 
 
-# --- Contact sheet and command line ------------------------------------------------------
+# --- Contact sheet and command line ---------------------------------------------------
 
 
 def _views(volume, affine, aiis_mm, head_mm):
@@ -1054,7 +1054,7 @@ def render_contact_sheet(path: str | Path, seed: int = 0,
     plt.close(fig)
     from PIL import Image
 
-    Image.open(path).convert("L").save(path, optimize=True)  # grey PNG, a third the size
+    Image.open(path).convert("L").save(path, optimize=True)  # grey PNG: smaller file
     return path
 
 
