@@ -43,6 +43,9 @@ EXAMPLES_DIR = ROOT / "assets" / "examples"
 BUNDLED_EXAMPLE = EXAMPLES_DIR / "pelvis_ct_3mm.nii.gz"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+#: Reports and uploads older than this are deleted, seconds.
+CACHE_MAX_AGE_S = 3600
+
 ENV_USERNAME = "FEMURRISK_USERNAME"
 ENV_PASSWORD = "FEMURRISK_PASSWORD"
 ENV_AUTH_FILE = "FEMURRISK_AUTH_FILE"
@@ -235,7 +238,7 @@ def _source_from_uploads(files, folder):
     paths = [str(p) for p in (folder or [])] or [str(p) for p in (files or [])]
     if not paths:
         raise gr.Error("Upload a CT (NIfTI, DICOM files, a .zip or a folder) or pick "
-                       "an example first.")
+                       "an example first.", print_exception=False)
     return paths[0] if len(paths) == 1 else paths
 
 
@@ -249,10 +252,6 @@ def _progress_adapter(progress: gr.Progress):
             logger.debug("progress update failed", exc_info=True)
 
     return report
-
-
-#: Reports and uploads older than this are deleted, seconds.
-CACHE_MAX_AGE_S = 3600
 
 
 def _write_report(prediction, out_dir: Path) -> str:
