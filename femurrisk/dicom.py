@@ -49,8 +49,6 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
     MediaStorageDirectoryStorage,
 )
-from scipy import ndimage
-
 from femurrisk.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -816,6 +814,8 @@ def _regularise(
 
 def _straighten(volume: np.ndarray, shifts_px: np.ndarray) -> np.ndarray:
     """Shift each slice in-plane so that all share the first slice's origin."""
+    from scipy import ndimage  # imported here: the decoder worker never needs it
+
     out = np.empty_like(volume)
     for k in range(volume.shape[2]):
         out[:, :, k] = ndimage.shift(
@@ -960,9 +960,12 @@ def _decode_file(
         InputError: no pixel data, not greyscale. Anything else a decoder raises is
             passed on for the caller to translate.
     """
-    with open(path, "rb") as handle:
-        handle.seek(lead)
-        ds = pydicom.dcmread(handle, force=True)
+    if lead:  # pydicom rewinds to byte 0 when it finds no preamble: give it a copy
+        with open(path, "rb") as handle:
+            handle.seek(lead)
+            ds = pydicom.dcmread(io.BytesIO(handle.read()), force=True)
+    else:
+        ds = pydicom.dcmread(path, force=True)
     _declare_syntax(ds)
     if "PixelData" not in ds:
         raise InputError("a CT slice must contain pixel data, but one has none")
@@ -1047,11 +1050,11 @@ class _IsolatedDecoder:
             (size,) = struct.unpack("<Q", self._receive(8, deadline))
             reply = pickle.loads(self._receive(size, deadline))
         except _DecoderFailed as exc:
-            self.close()
+            self.close(kill=True)
             logger.warning("Decoder worker failed: %s", exc)
             raise InputError(_undecodable_message(syntax, str(exc))) from None
         except (OSError, EOFError, pickle.UnpicklingError, struct.error):
-            self.close()
+            self.close(kill=True)
             logger.warning("Decoder worker stopped unexpectedly")
             raise InputError(
                 _undecodable_message(syntax, "stopped the decoder")
@@ -1084,11 +1087,13 @@ class _IsolatedDecoder:
             remaining -= len(chunk)
         return b"".join(chunks)
 
-    def close(self) -> None:
-        """Stop the worker, if one runs."""
+    def close(self, kill: bool = False) -> None:
+        """Stop the worker, if one runs: end of input, or ``kill`` at once."""
         process, self._process = self._process, None
         if process is None:
             return
+        if kill:
+            process.kill()
         try:
             process.stdin.close()
         except OSError:
