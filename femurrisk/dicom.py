@@ -115,10 +115,11 @@ PROJECTION_TYPES = frozenset(
 #: ImageType values of planar reformats (multiplanar reconstructions).
 REFORMAT_TYPES = frozenset({"MPR", "REFORMATTED", "MULTIPLANAR"})
 
-#: Words in ConvolutionKernel or SeriesDescription that mark a reconstruction kernel,
-#: best first for bone: bone, then standard/soft/unknown, then lung.
+#: Words in ConvolutionKernel or SeriesDescription. Bone and standard (or unnamed)
+#: kernels are preferred; a series named with one of ``OTHER_KERNEL_WORDS`` (lung,
+#: smooth soft-tissue, brain) only when nothing else fits; bone breaks ties.
 BONE_KERNEL_WORDS = ("BONE", "OSTEO", "KNOCHEN", "SKELET")
-LUNG_KERNEL_WORDS = ("LUNG", "PULMO", "LUNGE")
+OTHER_KERNEL_WORDS = ("LUNG", "PULMO", "SOFT", "BRAIN", "MEDIASTIN")
 
 
 @dataclass
@@ -214,10 +215,11 @@ def read_ct_series(files: Sequence[Path], series_uid: str | None = None) -> Dico
     within 45 degrees of the body axis), ranked in this order, original before
     reformatted images; complete (at least two slices, no gap beyond 1.5 typical
     steps, no shared position) before incomplete; covering at least 80 % of the
-    longest axial extent; bone kernel, then standard or unknown, then lung kernel
-    (ConvolutionKernel or SeriesDescription); thin (step at most 3 mm) before
-    thick; then the most slices. A non-axial original series is used only when
-    nothing axial exists, with a warning. The others are listed in the warnings.
+    longest axial extent; a bone, standard or unnamed kernel before a lung, soft or
+    brain kernel (words in ConvolutionKernel or SeriesDescription); thin (step at
+    most 3 mm) before thick; bone kernel before standard; then the most slices. A
+    non-axial original series is used only when nothing axial exists, with a
+    warning. The others are listed in the warnings.
 
     Slices are ordered by ImagePositionPatient projected on the slice normal and the
     slice spacing is taken from those positions, never from file names,
@@ -615,14 +617,13 @@ def _rank(series: _Series, longest_mm: float) -> tuple:
     )
     covers = along[-1] - along[0] >= MIN_COVERAGE_FRACTION * longest_mm
     words = f"{series.kernel} {series.label}".upper()
-    if any(word in words for word in BONE_KERNEL_WORDS):
-        kernel = 0
-    elif any(word in words for word in LUNG_KERNEL_WORDS):
-        kernel = 2
-    else:
-        kernel = 1
+    bone = any(word in words for word in BONE_KERNEL_WORDS)
+    other = not bone and any(word in words for word in OTHER_KERNEL_WORDS)
     thin = len(steps) > 0 and float(np.median(steps)) <= THIN_SLICE_MM
-    return (series.reformat, not complete, not covers, kernel, not thin, -len(along))
+    return (
+        series.reformat, not complete, not covers, other, not thin, not bone,
+        -len(along),
+    )
 
 
 def _nothing_found_message(skipped: Counter) -> str:
