@@ -37,20 +37,21 @@ PAD_HU = -1024.0
 
 # --- The landmark network's grid ----------------------------------------------------------
 
-#: The landmark U-Net sees the whole scan at this spacing, mm, (x, y, z). In-plane 4 mm is
-#: enough to find a structure 15-20 mm across; 3 mm along z matches the crop's slices so
-#: that the landmark's slice is resolved at the crop's own step.
-LANDMARK_SPACING_MM = (4.0, 4.0, 3.0)
+#: The landmark U-Net sees the whole scan at this spacing, mm, (x, y, z). The AIIS and the
+#: femoral head are 15-50 mm across, several voxels even at 6 mm; the landmark level is
+#: the probability-weighted centroid of the AIIS label, which resolves it well below one
+#: voxel. The coarse grid keeps a training step near one second on a 2-core CPU.
+LANDMARK_SPACING_MM = (6.0, 6.0, 4.0)
 
 #: Patch the U-Net is trained and run on (x, y, z voxels): 384 x 384 x 192 mm, which
 #: holds a whole adult pelvis in-plane and from iliac crest to lesser trochanter.
-LANDMARK_PATCH = (96, 96, 64)
+LANDMARK_PATCH = (64, 64, 48)
 
 #: Label values of the landmark U-Net.
 LABEL_BACKGROUND, LABEL_AIIS, LABEL_FEMORAL_HEAD = 0, 1, 2
 
 #: Radius of the ball painted around an annotated AIIS point as the training label, mm.
-AIIS_LABEL_RADIUS_MM = 8.0
+AIIS_LABEL_RADIUS_MM = 10.0
 
 #: Radius of the ball painted around a femoral head centre as the training label, mm
 #: (an adult femoral head is 40-55 mm across; a ball smaller than the head keeps the

@@ -82,7 +82,7 @@ def build_landmark_unet() -> nn.Module:
     """MONAI 3D U-Net: background, AIIS and femoral head (three output channels)."""
     return UNet(
         spatial_dims=3, in_channels=1, out_channels=LABEL_FEMORAL_HEAD + 1,
-        channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2, norm="instance",
+        channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1, norm="instance",
     )
 
 

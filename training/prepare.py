@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def _one(job: tuple[int, int, str, bool]) -> list[dict]:
-    seed, case_id, out, with_landmark = job
+    seed, case_id, out, with_landmark, landmark_only = job
     case = generate_case(seed, case_id)
     if with_landmark:
         image, labels, affine = landmark_sample(case)
@@ -33,6 +33,8 @@ def _one(job: tuple[int, int, str, bool]) -> list[dict]:
             Path(out) / "landmark" / f"{case_id:06d}.npz", image=image, labels=labels,
             affine=affine, landmark_z_mm=landmark_level_mm(case),
         )
+    if landmark_only:
+        return []
     rng = np.random.default_rng([seed, case_id, 7])
     rows = []
     for sample in classifier_samples(case, rng):
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-case", type=int, default=0)
     parser.add_argument("--landmark-cases", type=int, default=200,
                         help="how many of the cases also give a landmark sample")
+    parser.add_argument("--landmark-only", action="store_true",
+                        help="write only landmark samples (no crops.npz)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -58,11 +62,14 @@ def main(argv: list[str] | None = None) -> None:
 
     (args.out / "landmark").mkdir(parents=True, exist_ok=True)
     ids = range(args.first_case, args.first_case + args.cases)
-    jobs = [(args.seed, i, str(args.out), n < args.landmark_cases) for n, i in enumerate(ids)]
+    jobs = [(args.seed, i, str(args.out), n < args.landmark_cases, args.landmark_only)
+            for n, i in enumerate(ids)]
     rows: list[dict] = []
     with get_context("spawn").Pool(args.workers) as pool:
         for result in tqdm(pool.imap(_one, jobs), total=len(jobs), desc="cases"):
             rows.extend(result)
+    if args.landmark_only:
+        return
 
     np.savez_compressed(
         args.out / "crops.npz",
