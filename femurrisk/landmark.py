@@ -80,11 +80,17 @@ def _centroid_mm(weights: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return voxel_to_world(affine, ijk)
 
 
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """Connected components of a mask, largest first."""
+def _components(mask: np.ndarray, keep: int) -> list[np.ndarray]:
+    """The ``keep`` largest connected components of a mask, largest first.
+
+    Only those masks are built: a fragmented prediction can hold thousands of
+    components, and one full-size mask each would exhaust memory.
+    """
     labels, count = ndimage.label(mask)
-    sizes = ndimage.sum_labels(mask, labels, index=range(1, count + 1))
-    order = np.argsort(sizes)[::-1]
+    if count == 0:
+        return []
+    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    order = np.argsort(sizes)[::-1][:keep]
     return [labels == (index + 1) for index in order]
 
 
@@ -97,7 +103,7 @@ def landmarks_from_probabilities(
     voxel_mm3 = abs(np.linalg.det(affine[:3, :3]))
 
     heads = [
-        c for c in _components(labels == g.LABEL_FEMORAL_HEAD)[:2]
+        c for c in _components(labels == g.LABEL_FEMORAL_HEAD, keep=2)
         if c.sum() * voxel_mm3 >= MIN_HEAD_VOLUME_MM3
     ]
     if len(heads) < 2:
@@ -120,7 +126,7 @@ def landmarks_from_probabilities(
     sides = {"left": index_x < i_mid, "right": index_x >= i_mid}
     aiis_mm: dict[str, tuple[float, float, float] | None] = {}
     for side, half in sides.items():
-        parts = _components(aiis_mask & half)
+        parts = _components(aiis_mask & half, keep=1)
         if not parts:
             aiis_mm[side] = None
             warnings.append(f"The {side} AIIS was not found; the landmark level uses the other side.")
