@@ -743,8 +743,8 @@ def _note_overlap(slices: list[_Slice], step_mm: float, warnings: list[str]) -> 
     typical = float(np.median(thickness))
     if 1.05 * step_mm < typical <= 10 * step_mm:  # beyond that the tag is wrong
         warnings.append(
-            f"Slices are {typical:.2f} mm thick but {step_mm:.2f} mm apart (overlapping "
-            "reconstruction); voxels are spaced by position, detail along the body "
+            f"Slices are {typical:.2f} mm thick but {step_mm:.2f} mm apart "
+            "(overlapping reconstruction); voxels are spaced by position, detail along the body "
             f"axis is that of {typical:.2f} mm slices."
         )
 
@@ -971,7 +971,8 @@ def _decode_file(
     if "PixelData" not in ds:
         raise InputError("a CT slice must contain pixel data, but one has none")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if not photometric.startswith("MONOCHROME") or int(ds.get("SamplesPerPixel", 1)) != 1:
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if not photometric.startswith("MONOCHROME") or samples != 1:
         raise InputError(
             f"CT slices must be greyscale (MONOCHROME1/2), not {photometric[:16]}"
         )
