@@ -744,8 +744,8 @@ def _note_overlap(slices: list[_Slice], step_mm: float, warnings: list[str]) -> 
     if 1.05 * step_mm < typical <= 10 * step_mm:  # beyond that the tag is wrong
         warnings.append(
             f"Slices are {typical:.2f} mm thick but {step_mm:.2f} mm apart "
-            "(overlapping reconstruction); voxels are spaced by position, detail along the body "
-            f"axis is that of {typical:.2f} mm slices."
+            "(overlapping reconstruction); voxels are spaced by position, detail "
+            f"along the body axis is that of {typical:.2f} mm slices."
         )
 
 
