@@ -45,13 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from femurrisk.loading import load_ct
     from femurrisk.pipeline import Predictor
     from femurrisk.report import to_json_dict, write_outputs
 
+    # The input is read first, so that bad input is reported as such (exit 2) even
+    # when the models cannot be loaded.
     source = args.paths[0] if len(args.paths) == 1 else list(args.paths)
+    loaded = load_ct(source, series_uid=args.series_uid)
     predictor = Predictor(device=args.device, classifier=args.classifier)
     prediction = predictor.predict(
-        source, landmark_z_mm=args.landmark_z, series_uid=args.series_uid,
+        loaded, landmark_z_mm=args.landmark_z,
         progress=lambda fraction, message: logger.info("%3.0f%% %s", 100 * fraction, message),
     )
     write_outputs(prediction, args.out, save_crops=args.save_crops)
@@ -73,13 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as error:
-        # Missing weights, an unavailable device: operator-fixable, not input.
-        logger.debug("details", exc_info=True)
+    except ValueError as error:
+        # An unusable option, such as --device cuda on a machine without CUDA.
         print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) else 1
+        return 2
+    except FileNotFoundError as error:
+        # Missing weights: an installation problem, not bad input.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except Exception:  # noqa: BLE001 - never show a traceback to the user
-        logger.debug("internal error", exc_info=True)
+        if args.verbose:
+            logger.exception("internal error")
         print("error: internal error while processing the CT; rerun with --verbose "
               "for details", file=sys.stderr)
         return 1

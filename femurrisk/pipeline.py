@@ -20,7 +20,7 @@ from femurrisk.cropping import metal_volume_mm3, side_crop, to_network_orientati
 from femurrisk.explanation import gradcam, normalize_jointly
 from femurrisk.geometry import CROP_SLICES, METAL_MIN_VOLUME_MM3
 from femurrisk.landmark import LandmarkFinder, nearest_slice
-from femurrisk.loading import load_ct
+from femurrisk.loading import LoadedCT, load_ct
 from femurrisk.prediction import (
     DECISION_HIGH, DECISION_IMPLANT, DECISION_LOW, SIDES, Landmarks, Prediction, SideResult,
 )
@@ -62,7 +62,8 @@ class Predictor:
         """Run the whole pipeline on a CT.
 
         Args:
-            source: Whatever :func:`femurrisk.loading.load_ct` accepts.
+            source: Whatever :func:`femurrisk.loading.load_ct` accepts, or a
+                :class:`~femurrisk.loading.LoadedCT` already read.
             landmark_z_mm: World z (RAS+ mm) of the AIIS level set by hand; when given,
                 the network's level is replaced and the result says so.
             progress: Optional callback ``(fraction, message)``.
@@ -82,7 +83,10 @@ class Predictor:
             timings[name] = round(time.perf_counter() - start, 3)
 
         with step("load", 0.0, "Reading the CT"):
-            loaded = load_ct(source, series_uid=series_uid) if series_uid else load_ct(source)
+            if isinstance(source, LoadedCT):
+                loaded = source
+            else:
+                loaded = load_ct(source, series_uid=series_uid)
             image = to_canonical(loaded.image)
         warnings = list(loaded.warnings)
 
