@@ -179,6 +179,8 @@ class SyntheticCase:
         site: Name of the hospital site.
         mirrored: Whether the base anatomy was mirrored left-right.
         params: Every other drawn parameter, JSON-serialisable.
+        femur_mask: uint8 on the image grid, 1 = left femur, 2 = right femur
+            (multi-site cohort only; None for :func:`generate_case`).
     """
 
     case_id: int
@@ -194,6 +196,7 @@ class SyntheticCase:
     site: str
     mirrored: bool
     params: dict = field(default_factory=dict)
+    femur_mask: np.ndarray | None = None
 
 
 # --- Base volume ----------------------------------------------------------------------
@@ -209,6 +212,7 @@ class _Base:
     troch_mm: dict[str, np.ndarray]  # centre of the femur section at the real scan's end
     shaft_mm: dict[str, np.ndarray]  # shaft axis point at the extension's end
     mid_x_mm: float
+    lt_mm: dict[str, np.ndarray] | None = None  # lesser trochanter on the shaft axis
 
 
 def _real_ct_path() -> Path:
@@ -909,6 +913,530 @@ def generate_case(
         lesion={s: lesions[s] for s in SIDES}, label={s: labels[s] for s in SIDES},
         true_risk={s: risks[s] for s in SIDES}, implant={s: implants[s] for s in SIDES},
         lesion_mask=lesion_mask, site=site_obj.name, mirrored=mirrored, params=params,
+    )
+
+
+# --- Parametric anatomy ---------------------------------------------------------------
+
+#: Phantom grid: 3 mm voxels, origin and shape (x, y, z); the femoral heads sit at
+#: z = 0 and y = 0, the midline at x = 0.
+_PHANTOM_SPACING = 3.0
+_PHANTOM_ORIGIN = np.array([-190.5, -160.5, -180.0])
+_PHANTOM_SHAPE = (128, 100, 146)
+
+#: Vessel attenuation (artery, vein) per contrast phase, HU.
+VESSEL_HU = {"none": (40.0, 40.0), "arterial": (320.0, 90.0),
+             "portal_venous": (170.0, 160.0)}
+
+
+def _smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
+    """Smooth minimum of two signed distances (blend radius ``k`` mm)."""
+    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
+    return b + (a - b) * h - k * h * (1.0 - h)
+
+
+class _Field:
+    """Signed-distance primitives on the phantom grid (mm; negative inside)."""
+
+    def __init__(self) -> None:
+        axes = [_PHANTOM_ORIGIN[a] + _PHANTOM_SPACING * np.arange(n, dtype=np.float32)
+                for a, n in enumerate(_PHANTOM_SHAPE)]
+        self.x = axes[0][:, None, None]
+        self.y = axes[1][None, :, None]
+        self.z = axes[2][None, None, :]
+
+    def sphere(self, c, r: float) -> np.ndarray:
+        return np.sqrt((self.x - c[0]) ** 2 + (self.y - c[1]) ** 2
+                       + (self.z - c[2]) ** 2) - r
+
+    def ellipsoid(self, c, radii) -> np.ndarray:
+        q = np.sqrt(((self.x - c[0]) / radii[0]) ** 2 + ((self.y - c[1]) / radii[1]) ** 2
+                    + ((self.z - c[2]) / radii[2]) ** 2)
+        return (q - 1.0) * float(min(radii))
+
+    def capsule(self, a, b, r: float) -> np.ndarray:
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        ab = b - a
+        px, py, pz = self.x - a[0], self.y - a[1], self.z - a[2]
+        t = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) / float(ab @ ab), 0.0, 1.0)
+        return np.sqrt((px - t * ab[0]) ** 2 + (py - t * ab[1]) ** 2
+                       + (pz - t * ab[2]) ** 2) - r
+
+
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, dtype=float)
+    return v / np.linalg.norm(v)
+
+
+def _render_bone(volume: np.ndarray, sdf: np.ndarray, cortex_mm, cortex_hu: float,
+                 inner_hu) -> None:
+    """Paint a bone with a cortical shell of ``cortex_mm`` into ``volume``."""
+    occ = np.clip(0.5 - sdf / _PHANTOM_SPACING, 0.0, 1.0)
+    inner = np.clip(0.5 - (sdf + cortex_mm) / _PHANTOM_SPACING, 0.0, 1.0)
+    volume *= 1.0 - occ
+    volume += cortex_hu * (occ - inner) + inner_hu * inner
+
+
+@functools.lru_cache(maxsize=2)
+def phantom_base(anatomy_seed: int, scale: float, sex: str, density: float,
+                 contrast_phase: str, aiis_to_lt_mm: float) -> _Base:
+    """A parametric pelvis with proximal femurs, soft tissue and vessels.
+
+    Ellipsoids, capsules and shells (signed distances, blended) with cortex and
+    medulla: femoral head, neck, intertrochanteric region with greater and lesser
+    trochanter and shaft; acetabulum, iliac wings as a bowl, the AIIS as a bump on
+    an anterior column, pubic and ischial rami, sacrum and lumbar spine; body
+    outline with subcutaneous fat, muscle, pelvic viscera with gas, bladder, iliac
+    and femoral vessels enhanced by ``contrast_phase``. Shape parameters are drawn
+    from ``anatomy_seed``; the landmarks are the exact points the shapes are built
+    around.
+
+    Args:
+        anatomy_seed: Seeds the shape draws.
+        scale: Overall size.
+        sex: "M" or "F" (wider pelvis, more subcutaneous fat in women).
+        density: Relative bone density (scales trabecular and cortical HU).
+        contrast_phase: Key of :data:`VESSEL_HU`.
+        aiis_to_lt_mm: Nominal AIIS-to-lesser-trochanter distance at scale 1.
+
+    Returns:
+        The base, in the same form as :func:`base_volume`'s.
+    """
+    rng = np.random.default_rng([anatomy_seed, 0xF1])
+    s = scale
+    f = _Field()
+    width = rng.uniform(0.95, 1.05) + (0.04 if sex == "F" else 0.0)
+    hx = 84.0 * s * width
+    fat_mm = rng.uniform(10.0, 32.0) * s + (8.0 if sex == "F" else 0.0)
+    girth = rng.uniform(0.95, 1.12)
+    volume = np.full(_PHANTOM_SHAPE, AIR_HU, dtype=np.float32)
+
+    # Body outline and soft tissue.
+    bx, by = (hx + 100.0 * s) * girth, 118.0 * s * girth
+    waist = 1.0 - 0.12 * _smoothstep((f.z - 110.0 * s) / 90.0)
+    trunk = np.sqrt((f.x / (bx * waist)) ** 2 + ((f.y + 15.0 * s) / by) ** 2)
+    trunk = (trunk - 1.0) * by
+    thighs = np.minimum(*[np.sqrt((f.x - sign * (hx + 12.0 * s)) ** 2
+                                  + (f.y + 5.0 * s) ** 2) - 88.0 * s * girth
+                          for sign in (-1.0, 1.0)])
+    below = _smoothstep((-60.0 * s - f.z) / 40.0)
+    body = trunk * (1.0 - below) + np.maximum(thighs, trunk) * below
+    texture = _smooth_noise(rng, _PHANTOM_SHAPE, 2.0)
+    occ = np.clip(0.5 - body / _PHANTOM_SPACING, 0.0, 1.0)
+    volume += occ * (-100.0 + 8.0 * texture - AIR_HU)
+    muscle = np.clip(0.5 - (body + fat_mm) / _PHANTOM_SPACING, 0.0, 1.0)
+    volume += muscle * (52.0 + 6.0 * texture - (-100.0 + 8.0 * texture))
+    fat_planes = np.clip((_smooth_noise(rng, _PHANTOM_SHAPE, 3.0) - 1.3) * 2.0, 0, 1)
+    volume -= muscle * fat_planes * 140.0
+
+    # Pelvic and abdominal contents: bowel, fat, gas, bladder.
+    pelvis_in = f.ellipsoid((0.0, -10.0 * s, 80.0 * s), (hx * 0.95, 70.0 * s, 130.0 * s))
+    inside = np.clip(0.5 - pelvis_in / _PHANTOM_SPACING, 0.0, 1.0) * (f.z > -30.0 * s)
+    bowel = _smooth_noise(rng, _PHANTOM_SHAPE, 2.5)
+    viscera = np.where(bowel > -0.4, 35.0, -90.0) + 10.0 * texture
+    viscera = np.where(bowel > 2.2, -900.0, viscera)
+    volume += inside * (viscera - volume)
+    bladder = f.ellipsoid((0.0, 42.0 * s, 0.0), np.array([38.0, 32.0, 32.0]) * s
+                          * rng.uniform(0.7, 1.2))
+    volume += np.clip(0.5 - bladder / 3.0, 0, 1) * (8.0 - volume)
+
+    # Vessels.
+    artery_hu, vein_hu = VESSEL_HU[contrast_phase]
+    for sign in (-1.0, 1.0):
+        path = [(sign * 40.0 * s, -5.0 * s, 150.0 * s), (sign * (hx - 25.0 * s),
+                42.0 * s, 5.0 * s), (sign * (hx - 5.0 * s), 45.0 * s, -170.0 * s)]
+        for (a, b) in zip(path[:-1], path[1:]):
+            for shift, radius, hu in ((0.0, 4.0, artery_hu), (-9.0, 6.0, vein_hu)):
+                a2, b2 = np.add(a, (sign * shift * s, 0, 0)), np.add(b, (sign * shift * s,
+                                                                          0, 0))
+                v = f.capsule(a2, b2, radius * s)
+                volume += np.clip(0.5 - v / 3.0, 0, 1) * (hu - volume)
+    for x0, radius, hu in ((-5.0, 10.0, artery_hu), (22.0, 12.0, vein_hu)):
+        v = f.capsule((x0 * s, -12.0 * s, 150.0 * s), (x0 * s, -12.0 * s, 300.0), radius * s)
+        volume += np.clip(0.5 - v / 3.0, 0, 1) * (hu - volume)
+
+    cortex_hu = 1150.0 * (0.8 + 0.2 * density)
+    trabecular = 190.0 * density
+    # Spine and sacrum.
+    spine = f.ellipsoid((0.0, -78.0 * s, 55.0 * s), np.array([50.0, 22.0, 62.0]) * s)
+    for z0 in np.arange(130.0, 450.0, 31.0) * s:
+        spine = np.minimum(spine, f.capsule((0, -35.0 * s, z0 - 10.0 * s),
+                                            (0, -35.0 * s, z0 + 10.0 * s), 21.0 * s))
+        spine = np.minimum(spine, f.capsule((0, -60.0 * s, z0), (0, -85.0 * s, z0 - 10 * s),
+                                            7.0 * s))
+    _render_bone(volume, spine, 1.5, cortex_hu, trabecular * 0.9)
+
+    # Per side: pelvis half and femur.
+    femur = np.zeros(_PHANTOM_SHAPE, dtype=np.uint8)
+    heads, aiis, troch, shaft, lts = {}, {}, {}, {}, {}
+    pelvis = f.ellipsoid((0.0, -25.0 * s, 30.0 * s), (hx + 40.0 * s, 95.0 * s, 120.0 * s))
+    bowl = np.abs(pelvis + 5.0 * s) - 4.5 * s
+    bowl = np.maximum(bowl, np.maximum(np.maximum(5.0 * s - f.z, f.z - 125.0 * s),
+                                       np.maximum(35.0 * s - np.abs(f.x), f.y - 50.0 * s)))
+    bowl = np.maximum(bowl, -75.0 * s - f.y)  # posteriorly the wings end at the SI joints
+    pelvic_bone = bowl
+    for side, sign in (("left", -1.0), ("right", 1.0)):
+        jitter = rng.uniform(0.97, 1.03)
+        head = np.array([sign * hx, 0.0, 0.0])
+        r_head = (24.5 if sex == "M" else 22.5) * s * jitter
+        theta = np.deg2rad(rng.uniform(122.0, 135.0) - 90.0)
+        version = np.deg2rad(rng.uniform(5.0, 20.0))
+        neck_dir = _unit((sign * np.cos(theta), -np.sin(version), -np.sin(theta)))
+        t_point = head + neck_dir * 52.0 * s * jitter
+        shaft_dir = _unit((-sign * 0.12, 0.02, -1.0))
+        s_point = t_point + shaft_dir * 160.0 * s
+        lt_depth = max(aiis_to_lt_mm * s - 66.0 * s, 12.0)
+        lt = t_point + shaft_dir * lt_depth
+        a_point = head + np.array([sign * 17.0, 40.0, 34.0]) * s * rng.uniform(0.94, 1.06, 3)
+
+        bone = f.sphere(head, r_head)
+        bone = _smin(bone, f.capsule(head, t_point, 15.5 * s * jitter), 6.0)
+        bone = _smin(bone, f.capsule(t_point - shaft_dir * 5.0, t_point + shaft_dir * 25.0,
+                                     22.0 * s), 8.0)
+        bone = _smin(bone, f.ellipsoid(t_point + np.array([sign * 22.0, -6.0, 12.0]) * s,
+                                       np.array([13.0, 16.0, 22.0]) * s), 6.0)
+        bone = _smin(bone, f.sphere(lt + np.array([-sign * 12.0, -6.0, 0.0]) * s, 8.0 * s),
+                     5.0)
+        bone = _smin(bone, f.capsule(t_point, s_point, 15.0 * s), 10.0)
+        depth = np.clip((t_point[2] - f.z) / 70.0, 0.0, 1.0)
+        cortex = 1.6 + 4.0 * _smoothstep(depth)
+        marrow = trabecular * (1.0 - 0.9 * depth) + (-20.0) * depth
+        marrow = marrow + 60.0 * density * np.clip(1.0 - f.sphere(head, 0.0) / r_head, 0, 1)
+        femur[bone <= 0.0] = 1 if side == "left" else 2
+
+        acetabulum = np.abs(f.sphere(head, r_head + 6.0 * s)) - 4.5 * s
+        opening = _unit((sign * 0.7, 0.35, -0.6))
+        facing = ((f.x - head[0]) * opening[0] + (f.y - head[1]) * opening[1]
+                  + (f.z - head[2]) * opening[2])
+        acetabulum = np.maximum(acetabulum, facing - 0.3 * r_head)
+        column = f.capsule(head + np.array([sign * 8.0, 12.0, 22.0]) * s, a_point, 8.0 * s)
+        ischium = f.capsule(head + np.array([-sign * 8.0, -20.0, -20.0]) * s,
+                            head + np.array([-sign * 22.0, -35.0, -65.0]) * s, 11.0 * s)
+        pubis = f.capsule(head + np.array([-sign * 20.0, 20.0, -18.0]) * s,
+                          np.array([sign * 6.0, 45.0, -28.0]) * s, 9.0 * s)
+        ramus = f.capsule(head + np.array([-sign * 22.0, -35.0, -65.0]) * s,
+                          np.array([sign * 8.0, 35.0, -45.0]) * s, 6.0 * s)
+        sacroiliac = f.capsule((sign * 40.0 * s, -75.0 * s, 60.0 * s),
+                               (sign * 72.0 * s, -68.0 * s, 72.0 * s), 12.0 * s)
+        half = acetabulum
+        for part in (column, f.sphere(a_point, 9.0 * s), ischium, pubis, ramus, sacroiliac):
+            half = _smin(half, part, 4.0)
+        pelvic_bone = _smin(pelvic_bone, half, 5.0)
+        _render_bone(volume, bone, cortex, cortex_hu, marrow)
+        heads[side], aiis[side], troch[side], shaft[side], lts[side] = (
+            head, a_point, t_point, s_point, lt)
+    _render_bone(volume, pelvic_bone, 1.5, cortex_hu * 0.95, trabecular)
+
+    affine = np.diag([_PHANTOM_SPACING] * 3 + [1.0])
+    affine[:3, 3] = _PHANTOM_ORIGIN
+    return _Base(volume_hu=volume, femur=femur, affine=affine, aiis_mm=aiis,
+                 head_mm=heads, troch_mm=troch, shaft_mm=shaft, mid_x_mm=0.0,
+                 lt_mm=lts)
+
+
+# --- The multi-site cohort ------------------------------------------------------------
+
+
+def _anatomy_base(design, patient) -> tuple[_Base, bool]:
+    """The patient's base anatomy and whether its sides are swapped (real scan)."""
+    anatomy = patient.anatomy
+    if anatomy.kind == "real":
+        return base_volume(), anatomy.mirrored
+    phase = design_module().HOSPITAL_BY_NAME[patient.site].contrast_phase
+    return phantom_base(anatomy.seed, round(anatomy.scale, 6), patient.sex,
+                        round(patient.bone_density, 6), phase,
+                        anatomy.aiis_to_lesser_trochanter_mm), False
+
+
+def design_module():
+    """:mod:`training.cohort_design`, imported late to keep this module's import light."""
+    from training import cohort_design
+
+    return cohort_design
+
+
+def _axis_frame(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two unit vectors perpendicular to ``axis`` and to each other."""
+    ref = np.array([0.0, 1.0, 0.0]) if abs(axis[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    u = _unit(np.cross(axis, ref))
+    return u, np.cross(axis, u)
+
+
+def _place_lesion(state, head, troch, shaft, lt) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and bone axis of a design lesion in the case's anatomy (world mm)."""
+    neck = _unit(troch - head)
+    down = _unit(shaft - troch)
+    if state.place == "head":
+        axis, centre = neck, head + neck * (state.along - 0.5) * 10.0
+    elif state.place == "neck":
+        axis = neck
+        centre = head + (troch - head) * (0.35 + 0.25 * state.along)
+    elif state.place == "intertrochanteric":
+        axis = down
+        centre = troch + down * (state.along - 0.3) * 15.0
+    else:
+        axis = down
+        centre = lt + down * (state.along * 40.0 + 0.3 * state.radius_mm)
+    u, v = _axis_frame(axis)
+    angle = np.deg2rad(state.angle_deg)
+    offset = state.eccentricity * state.bone_radius_mm
+    return centre + offset * (np.cos(angle) * u + np.sin(angle) * v), axis
+
+
+def _render_design_lesion(grid: _Grid, femur_side: np.ndarray, state, centre, axis
+                          ) -> _LesionDraft | None:
+    """The design's lesion as an irregular ellipsoid clipped to its femur."""
+    local_rng = np.random.default_rng(state.shape_seed)
+    radii = np.array([state.radius_mm, state.radius_mm,
+                      state.radius_mm * state.elongation])
+    u, v = _axis_frame(axis)
+    rotation = np.stack([u, v, axis], axis=1)  # columns: local axes in world
+    hu = local_rng.uniform(20.0, 60.0)
+    blastic_hu = local_rng.uniform(700.0, 1400.0)
+    irregularity = local_rng.uniform(0.1, 0.25)
+    box = grid.box(centre, float(radii.max()) * 1.4 + 2.0 * float(grid.spacing.max()))
+    femur_box = femur_side[box]
+    if not femur_box.any():
+        return None
+    coords = np.meshgrid(*[grid.axes[a][box[a]] - centre[a] for a in range(3)],
+                         indexing="ij")
+    local = np.einsum("rc,cxyz->rxyz", rotation.T, np.stack(coords))
+    r_norm = np.sqrt(sum((local[a] / radii[a]) ** 2 for a in range(3)))
+    # Texture is drawn on a fixed 24^3 lattice in lesion coordinates, so that the
+    # same lesion keeps its shape across a patient's CTs and sites.
+    lattice = _smooth_noise(local_rng, (24, 24, 24), 2.0)
+    lattice_idx = [np.clip((local[a] / radii[a] + 1.5) / 3.0 * 23.0, 0, 23)
+                   for a in range(3)]
+    rough = ndi.map_coordinates(lattice, lattice_idx, order=1)
+    boundary = 1.0 + irregularity * rough
+    edge = float(grid.spacing[:2].mean()) / float(radii.min())
+    weight = np.clip((boundary - r_norm) / edge + 0.5, 0.0, 1.0)
+    weight = (weight * ndi.binary_dilation(femur_box, iterations=1)).astype(np.float32)
+    mask = weight >= 0.5
+    if not mask.any():
+        return None
+    texture = ndi.map_coordinates(_smooth_noise(local_rng, (24, 24, 24), 1.0),
+                                  lattice_idx, order=1)
+    if state.kind == "lytic":
+        target, mode = hu + 12.0 * texture, "replace"
+    elif state.kind == "blastic":
+        target, mode = blastic_hu + 120.0 * texture, "max"
+    else:
+        share = np.clip(texture + 0.3, 0.0, 1.0)
+        target = (1.0 - share) * (hu + 12.0 * texture) + share * blastic_hu
+        mode = "replace"
+    params = LesionParams(
+        kind=state.kind, place=state.place,
+        centre_world_mm=tuple(float(c) for c in centre),
+        radii_mm=tuple(float(r) for r in radii), hu=float(hu),
+        bone_width_mm=2.0 * state.bone_radius_mm,
+        size_ratio=float(2.0 * radii.max() / (2.0 * state.bone_radius_mm)),
+        axial_cortical_involvement_mm=state.axial_cortical_involvement_mm,
+        volume_mm3=float(mask.sum() * np.prod(grid.spacing)),
+    )
+    return _LesionDraft(params, box, weight, target.astype(np.float32), mode)
+
+
+def _add_table(volume: np.ndarray, grid: _Grid, prone: bool, rng) -> dict:
+    """A curved carbon-fibre couch with foam core under (supine) or over (prone)
+    the patient's back, in the patient frame."""
+    body = (volume > -500.0).any(axis=2)
+    rows = np.flatnonzero(body.any(axis=0))
+    if not len(rows):
+        return {}
+    gap = rng.uniform(0.0, 6.0)
+    x = grid.axes[0][:, None]
+    y = grid.axes[1][None, :]
+    centre_x = float(np.mean(grid.axes[0][np.flatnonzero(body.any(axis=1))]))
+    curve = 0.0007 * (x - centre_x) ** 2
+    if prone:
+        top = grid.axes[1][rows[-1]] + gap
+        depth = (y - top) - curve  # distance into the couch, mm
+    else:
+        top = grid.axes[1][rows[0]] - gap
+        depth = (top - y) - curve
+    thickness = rng.uniform(35.0, 50.0)
+    pixel = float(grid.spacing[1])
+    shell = 2.5
+
+    def slab(lo: float, hi: float) -> np.ndarray:
+        return np.clip((np.minimum(depth - lo, hi - depth)) / pixel + 0.5, 0.0, 1.0)
+
+    wide = np.abs(x - centre_x) < 240.0
+    hu = (250.0 * (slab(0, shell) + slab(thickness - shell, thickness))
+          + (-850.0 - AIR_HU) * slab(shell, thickness - shell)) * wide
+    air = volume <= AIR_HU + 1.0
+    volume += (hu[:, :, None] * air).astype(np.float32)
+    return {"couch_top_y_mm": float(top), "couch_thickness_mm": float(thickness)}
+
+
+def generate_study(spec=None, study_id: int = 0) -> SyntheticCase:
+    """Generate one CT of the multi-site cohort, deterministically from its spec.
+
+    The study's patient, site, position, contrast phase and lesions come from
+    :func:`training.cohort_design.build_design`; everything continuous about the
+    image (pose, deformation, field of view, noise) from
+    ``numpy.random.default_rng([seed, study_id])`` streams, so any CT is
+    regenerated bit for bit from (spec, study id). A patient's anatomy (real scan
+    deformed and possibly mirrored, or a parametric phantom) and elastic field
+    are the same in all of their CTs; pose and acquisition vary.
+
+    Args:
+        spec: A :class:`training.cohort_design.CohortSpec` (default: seed 0, the
+            study's size).
+        study_id: Index of the CT in the design.
+
+    Returns:
+        The case. ``label``, ``true_risk`` and ``lesion`` are set for the sides
+        that are cases of this CT; a side that is not a case (no metastasis, or
+        an implant) has label 0, lesion None and ``true_risk`` 0.
+        ``params["design"]`` holds the study's manifest rows.
+
+    Raises:
+        IndexError: If ``study_id`` is outside the design.
+    """
+    cd = design_module()
+    spec = spec or cd.CohortSpec()
+    design = cd.build_design(spec)
+    study = design.studies[study_id]
+    patient = design.patients[study.patient_id]
+    hospital = cd.HOSPITAL_BY_NAME[study.site]
+    base, mirrored = _anatomy_base(design, patient)
+    arng = np.random.default_rng([spec.seed, 0xA2, patient.patient_id])
+    rng = np.random.default_rng([spec.seed, 0x57, study_id])
+    params: dict = {"study_id": study_id, "patient": patient.pseudo_id,
+                    "anatomy": patient.anatomy.kind, "position": study.position,
+                    "contrast_phase": study.contrast_phase}
+
+    # Patient-level shape, study-level pose.
+    scale = patient.anatomy.scale * arng.uniform(0.97, 1.03, 3)
+    if patient.anatomy.kind == "phantom":
+        scale = scale / patient.anatomy.scale  # the phantom is built at its size
+    coeffs = arng.normal(0.0, arng.uniform(1.0, 3.0), (3, 6, 5, 7))
+    rotation, angles = _random_rotation(rng, 4.0)
+    flip = np.diag([-1.0 if mirrored else 1.0, 1.0, 1.0])
+    translation = np.r_[rng.uniform(-25.0, 25.0, 2), rng.uniform(-60.0, 60.0)]
+    centre = np.r_[base.mid_x_mm, base.head_mm["right"][1:]]
+    spacing = np.diag(base.affine)[:3]
+    lo = base.affine[:3, 3]
+    hi = lo + spacing * (np.array(base.volume_hu.shape) - 1)
+    tf = _Transform(rotation @ np.diag(scale) @ flip, centre, translation, coeffs, lo, hi)
+    params.update(rotation_deg=angles, scale=scale.tolist(),
+                  translation_mm=translation.tolist(), mirrored=mirrored)
+
+    side_of = {s: (_other(s) if mirrored else s) for s in SIDES}
+    points = {}
+    for name, table in (("aiis", base.aiis_mm), ("head", base.head_mm),
+                        ("troch", base.troch_mm), ("shaft", base.shaft_mm)):
+        points[name] = {side_of[s]: tf.forward(table[s]) for s in SIDES}
+    if base.lt_mm is not None:
+        points["lt"] = {side_of[s]: tf.forward(base.lt_mm[s]) for s in SIDES}
+    else:  # the real base's lesser trochanter bump, 38 mm below the scan's end
+        points["lt"] = {s: points["troch"][s] + _unit(points["shaft"][s]
+                                                      - points["troch"][s]) * 38.0
+                        for s in SIDES}
+
+    # Deform, bone density (real anatomy; the phantom is built with it), blur.
+    volume_d, femur_d, affine_d, z_full = _warp_base(base, tf, pad=8)
+    if patient.anatomy.kind == "real":
+        bone = volume_d > _BONE_HU
+        factor = 0.55 + 0.45 * patient.bone_density
+        volume_d[bone] = _BONE_HU + (volume_d[bone] - _BONE_HU) * factor
+    sigma_z = np.sqrt(max(hospital.slice_thickness_mm**2 - spacing[2] ** 2, 0.0))
+    sigma_z = sigma_z / 2.355 / spacing[2]
+    if sigma_z > 0.05:
+        volume_d = ndi.gaussian_filter1d(volume_d, sigma_z, axis=2)
+    sharp = hospital.kernel_sharpness * rng.uniform(0.85, 1.15)
+    blurred = ndi.gaussian_filter(volume_d, (1.0, 1.0, 0.0))
+    volume_d = blurred + (volume_d - blurred) * (0.4 + 1.2 * sharp)
+
+    # Output grid.
+    pixel, dz = hospital.pixel_mm, hospital.slice_spacing_mm
+    fov = rng.uniform(*hospital.fov_mm)
+    body_centre = np.r_[centre[0], lo[1] + spacing[1] * base.volume_hu.shape[1] / 2.0]
+    fov_centre = body_centre + translation[:2] + rng.normal(0.0, 8.0, 2)
+    head_z = min(h[2] for h in points["head"].values())
+    aiis_z = max(p[2] for p in points["aiis"].values())
+    z_bottom = max(head_z - rng.uniform(70.0, 125.0), z_full[0] + translation[2])
+    z_top = min(aiis_z + rng.uniform(60.0, 200.0), z_full[1] + translation[2])
+    n_xy = int(round(fov / pixel))
+    n_z = int(np.floor((z_top - z_bottom) / dz)) + 1
+    origin = np.r_[fov_centre - pixel * (n_xy - 1) / 2.0, z_bottom]
+    out_spacing = np.array([pixel, pixel, dz])
+    axes = [origin[a] + out_spacing[a] * np.arange((n_xy, n_xy, n_z)[a]) for a in range(3)]
+    grid = _Grid(axes, out_spacing)
+    shifted = affine_d.copy()
+    shifted[:3, 3] += translation
+    volume = _resample_grid(volume_d, shifted, axes, AIR_HU, 1).astype(np.float32)
+    femur_src = _resample_grid(femur_d, shifted, axes, 0, 0)
+    femur_mask = np.zeros(volume.shape, dtype=np.uint8)
+    femur_mask[femur_src == 1] = 1 if side_of["left"] == "left" else 2
+    femur_mask[femur_src == 2] = 2 if side_of["right"] == "right" else 1
+    params.update(fov_mm=fov, table=_add_table(volume, grid, study.position.endswith("P"),
+                                               rng))
+
+    # Lesions of the design, then the old implant.
+    lesion_mask = np.zeros(volume.shape, dtype=np.uint8)
+    lesions: dict[str, LesionParams | None] = {s: None for s in SIDES}
+    design_lesions = {}
+    for side in SIDES:
+        state = design.lesion_at(study_id, side)
+        if state is None:
+            continue
+        value = 1 if side == "left" else 2
+        c, axis = _place_lesion(state, points["head"][side], points["troch"][side],
+                                points["shaft"][side], points["lt"][side])
+        draft = _render_design_lesion(grid, femur_mask == value, state, c, axis)
+        if draft is None:
+            logger.warning("study %d %s: lesion outside the field", study_id, side)
+            continue
+        _apply_lesion(volume, lesion_mask, draft, value)
+        lesions[side] = draft.params
+        design_lesions[side] = asdict(state)
+    implants = {s: s == patient.prior_implant_side for s in SIDES}
+    implant_params = {}
+    if patient.prior_implant_side:
+        side = patient.prior_implant_side
+        irng = np.random.default_rng([spec.seed, 0x1B, patient.patient_id])
+        implant_params[side] = _add_implant(
+            irng, volume, grid, points["head"][side], points["troch"][side],
+            points["shaft"][side], 1.0 if side == "right" else -1.0)
+    params.update(implants=implant_params, design_lesion=design_lesions)
+
+    # Calibration offset and correlated noise.
+    hu_offset = hospital.hu_offset + rng.uniform(-5.0, 5.0)
+    noise_sd = hospital.noise_hu * rng.uniform(0.8, 1.2)
+    noise = ndi.gaussian_filter(rng.standard_normal(volume.shape, dtype=np.float32),
+                                (0.7, 0.7, 0.0))
+    noise *= noise_sd / max(float(noise.std()), 1e-6)
+    volume += noise + hu_offset
+    np.clip(volume, -1024.0, 3071.0, out=volume)
+    params.update(hu_offset=hu_offset, noise_sd_hu=noise_sd)
+
+    affine = np.diag([*out_spacing, 1.0])
+    affine[:3, 3] = origin
+    image = nib.Nifti1Image(volume, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    rows = [cd.case_row(design, design.cases[i])
+            for i in design.cases_by_study.get(study_id, [])]
+    params["design"] = rows
+    by_side = {row["side"]: row for row in rows}
+
+    def as_tuple(p):
+        return tuple(float(v) for v in p)
+
+    return SyntheticCase(
+        case_id=study_id, seed=spec.seed, image=image,
+        aiis_world_mm={s: as_tuple(points["aiis"][s]) for s in SIDES},
+        femoral_head_world_mm={s: as_tuple(points["head"][s]) for s in SIDES},
+        lesion=lesions,
+        label={s: int(by_side[s]["label"]) if s in by_side else 0 for s in SIDES},
+        true_risk={s: float(by_side[s]["true_risk"]) if s in by_side else 0.0
+                   for s in SIDES},
+        implant=implants, lesion_mask=lesion_mask, site=study.site, mirrored=mirrored,
+        params=params, femur_mask=femur_mask,
     )
 
 
