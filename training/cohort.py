@@ -1586,18 +1586,175 @@ def render_contact_sheet(path: str | Path, seed: int = 0,
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m training.cohort --write 3 --out DIR`` or ``--contact-sheet PNG``."""
-    import argparse
+def manifest_rows(case: SyntheticCase) -> list[dict]:
+    """Manifest rows of a :func:`generate_study` case: the design's fields plus
+    landmark and lesion positions in world mm and voxels (i, j, k) of the image."""
+    inverse = np.linalg.inv(case.image.affine)
+    rows = []
+    for row in case.params.get("design", []):
+        row = dict(row)
+        side = row["side"]
+        points = {"aiis": case.aiis_world_mm[side],
+                  "head": case.femoral_head_world_mm[side]}
+        lesion = case.lesion[side]
+        if lesion is not None:
+            points["lesion_centre"] = lesion.centre_world_mm
+            row["lesion_volume_image_mm3"] = lesion.volume_mm3
+        for name, world in points.items():
+            voxel = nib.affines.apply_affine(inverse, np.asarray(world, dtype=float))
+            for axis, w, v in zip("xyz", world, voxel):
+                row[f"{name}_world_{axis}_mm"] = round(float(w), 3)
+            for axis, v in zip("ijk", voxel):
+                row[f"{name}_voxel_{axis}"] = round(float(v), 3)
+        row["shape"] = "x".join(str(n) for n in case.image.shape)
+        row["spacing_mm"] = "x".join(f"{v:g}" for v in np.diag(case.image.affine)[:3])
+        rows.append(row)
+    return rows
 
+
+def write_study(case: SyntheticCase, folder: str | Path, *, dicom: bool = True) -> Path:
+    """Write a :func:`generate_study` case as NIfTI (image and truth masks) and DICOM.
+
+    Files: those of :func:`write_nifti`, ``femur.nii.gz`` (uint8, 1 = left femur,
+    2 = right femur) and ``dicom/`` (one file per slice, written as the case's
+    hospital and patient position would, see :mod:`training.dicom_writer`).
+
+    Args:
+        case: The case.
+        folder: Output folder.
+        dicom: Also write the DICOM series.
+
+    Returns:
+        The folder.
+
+    Raises:
+        OSError: If the folder cannot be written.
+    """
+    from training import dicom_writer
+
+    cd = design_module()
+    folder = write_nifti(case, folder)
+    if case.femur_mask is not None:
+        nib.save(nib.Nifti1Image(case.femur_mask, case.image.affine),
+                 folder / "femur.nii.gz")
+    if dicom:
+        spec = cd.CohortSpec(seed=case.seed)
+        hospital = cd.HOSPITAL_BY_NAME[case.site]
+        rows = case.params.get("design") or [{}]
+        dicom_writer.write_dicom_series(
+            case.image, folder / "dicom", position=case.params.get("position", "HFS"),
+            patient_id=case.params.get("patient", f"FR-SYN-{spec.seed:03d}-00000"),
+            study_key=f"{case.seed}/{case.case_id}", day=float(rows[0].get("day", 0.0)),
+            site=case.site, manufacturer=hospital.manufacturer,
+            kernel=hospital.kernel.upper(), slice_thickness_mm=hospital.slice_thickness_mm,
+            contrast_phase=case.params.get("contrast_phase", "none"),
+            sex=rows[0].get("sex", "O"), age_years=rows[0].get("age"),
+        )
+    return folder
+
+
+def _study_job(job: tuple) -> tuple[int, list[dict], float]:
+    """Worker: generate one study, optionally write it; returns its manifest rows."""
+    import time
+
+    spec, study_id, out, write_files, dicom = job
+    start = time.perf_counter()
+    case = generate_study(spec, study_id)
+    seconds = time.perf_counter() - start
+    if write_files:
+        write_study(case, Path(out) / "studies" / f"study_{study_id:06d}", dicom=dicom)
+    return study_id, manifest_rows(case), seconds
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    fields: list[str] = []
+    for row in rows:
+        fields.extend(k for k in row if k not in fields)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line of the synthetic cohort.
+
+    ``python -m training.cohort --design --out DIR`` writes the design
+    (``design.csv``: one row per side, no images needed) and the study splits;
+    ``--generate N`` streams N CTs (all with ``--generate -1``) through
+    ``--workers`` processes and writes ``manifest.csv`` with landmark positions;
+    ``--write-dicom N`` also writes the first N of them as DICOM and NIfTI.
+    ``--legacy-write N`` and ``--contact-sheet PNG`` keep the first version's
+    single-scan cohort and the contact sheet.
+    """
+    import argparse
+    import json as json_module
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    cd = design_module()
     parser = argparse.ArgumentParser(description="Synthetic femurrisk cohort.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--write", type=int, default=0, help="cases to write as NIfTI")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiplies the study's counts (1.0: 540 patients, 2,933 CTs)")
+    parser.add_argument("--enrich", type=float, default=None,
+                        help="target fraction of positive sides for small runs "
+                             "(default: the study's 1.4 %%)")
+    parser.add_argument("--design", action="store_true", help="write design.csv")
+    parser.add_argument("--generate", type=int, default=0,
+                        help="CTs to generate (-1: all)")
+    parser.add_argument("--first-study", type=int, default=0)
+    parser.add_argument("--write-dicom", type=int, default=0,
+                        help="of the generated CTs, how many to write as DICOM + NIfTI")
+    parser.add_argument("--no-dicom", action="store_true",
+                        help="write NIfTI only for --write-dicom")
+    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("out/cohort"))
+    parser.add_argument("--legacy-write", "--write", type=int, default=0,
+                        help="cases of the first version's cohort to write as NIfTI")
     parser.add_argument("--contact-sheet", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    for case_id in range(args.write):
+
+    spec = cd.CohortSpec(seed=args.seed, scale=args.scale, enrich=args.enrich)
+    args.out.mkdir(parents=True, exist_ok=True)
+    design = cd.build_design(spec)
+    print(json_module.dumps(design.summary(), indent=1))
+    if args.design:
+        from training.splits import study_splits
+
+        _write_csv(args.out / "design.csv",
+                   [cd.case_row(design, case) for case in design.cases])
+        splits = study_splits(design)
+        (args.out / "splits.json").write_text(json_module.dumps(splits))
+        print(f"wrote {args.out / 'design.csv'} and splits.json")
+
+    count = len(design.studies) - args.first_study if args.generate < 0 else args.generate
+    if count > 0:
+        ids = range(args.first_study, min(args.first_study + count, len(design.studies)))
+        jobs = [(spec, i, str(args.out), n < args.write_dicom, not args.no_dicom)
+                for n, i in enumerate(ids)]
+        rows: list[dict] = []
+        seconds = 0.0
+        if args.workers > 1:
+            with get_context("spawn").Pool(args.workers) as pool:
+                results = pool.imap(_study_job, jobs, chunksize=4)
+                for _, study_rows, t in tqdm(results, total=len(jobs), desc="CTs"):
+                    rows.extend(study_rows)
+                    seconds += t
+        else:
+            for job in tqdm(jobs, desc="CTs"):
+                _, study_rows, t = _study_job(job)
+                rows.extend(study_rows)
+                seconds += t
+        _write_csv(args.out / "manifest.csv", rows)
+        print(f"{len(jobs)} CTs, {len(rows)} sides, "
+              f"{seconds / max(len(jobs), 1):.2f} s of generation per CT")
+
+    for case_id in range(args.legacy_write):
         folder = write_nifti(generate_case(args.seed, case_id),
                              args.out / f"case_{case_id:06d}")
         logger.info("wrote %s", folder)

@@ -677,7 +677,7 @@ def build_design(spec: CohortSpec = CohortSpec()) -> Design:
                     days[index] - days[series.onset_index]) / span
                 state = lesion_state(series, float(progress), anatomy.scale, density)
                 cases.append(Case(len(cases), study.study_id, p, side, state,
-                                  last_of_series=index == n_studies[p] - 1))
+                                  last_of_series=bool(index == n_studies[p] - 1)))
         patients.append(patient)
 
     intercept, shift = _label(rng, spec, patients, studies, cases)
