@@ -32,6 +32,7 @@ from collections.abc import Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 
 from femurrisk import viewers  # noqa: E402
 from femurrisk.errors import InputError  # noqa: E402
@@ -278,9 +279,107 @@ def _log_unexpected(exc: BaseException) -> None:
     logger.error("prediction failed with %s\n%s", type(exc).__name__, frames)
 
 
-def _figures(sides, opacity: float):
-    return [viewers.side_viewer(sides[s], opacity=opacity)
-            for s in ("right", "left")]
+#: Explanation methods offered; the values are femurrisk.explanation.METHODS (that
+#: module imports torch, so they are repeated here and checked by a test).
+METHOD_CHOICES = [("Grad-CAM", "gradcam"), ("Guided Grad-CAM (finer)", "guided_gradcam")]
+METHOD_LABELS = dict((value, label) for label, value in METHOD_CHOICES)
+PLANE_CHOICES = [("Axial", "axial"), ("Coronal", "coronal"), ("Sagittal", "sagittal")]
+DEFAULT_OPACITY = 0.5
+
+#: Runs in the browser before a redraw: reads where each side's slice slider stands
+#: (which the server cannot know: the sliders move without it) into the hidden
+#: ``cursor`` input, so that a redrawn or switched plane goes through the same point.
+READ_CURSOR_JS = """
+(...args) => {
+  const out = {};
+  for (const side of ["right", "left"]) {
+    const gd = document.querySelector("#plot-" + side + " .js-plotly-plot");
+    if (!gd || !gd.layout || !gd.layout.meta || !gd.layout.sliders) continue;
+    const meta = gd.layout.meta;
+    const active = gd.layout.sliders[0].active;
+    const cursor = Object.assign({}, meta.cursor);
+    if (meta.positions_mm && active !== undefined) {
+      cursor[meta.axis] = meta.positions_mm[active];
+    }
+    out[side] = cursor;
+  }
+  args[CURSOR_INDEX] = JSON.stringify(out);
+  return args;
+}
+"""
+
+#: Runs in the browser only: heatmap opacity changes without a round trip.
+OPACITY_JS = """
+(opacity) => {
+  if (window.Plotly) {
+    const plots = document.querySelectorAll(
+      "#plot-right .js-plotly-plot, #plot-left .js-plotly-plot, #plot-3d .js-plotly-plot");
+    for (const gd of plots) {
+      const heat = (gd.data || []).map((t, i) => t.meta === "heat" ? i : -1)
+                                  .filter(i => i >= 0);
+      if (heat.length) window.Plotly.restyle(gd, {opacity: opacity}, heat);
+    }
+  }
+  return [];
+}
+"""
+
+#: Runs in the browser only: the axial slice shown on the right side's viewer (or
+#: else the left's) becomes the hand-set landmark level.
+AXIAL_SLICE_JS = """
+(current) => {
+  for (const side of ["right", "left"]) {
+    const gd = document.querySelector("#plot-" + side + " .js-plotly-plot");
+    const meta = gd && gd.layout && gd.layout.meta;
+    if (meta && meta.plane === "axial") {
+      return meta.positions_mm[gd.layout.sliders[0].active];
+    }
+  }
+  return current;
+}
+"""
+
+
+def _parse_cursor(text: str | None) -> dict:
+    """The per-side cursors sent by READ_CURSOR_JS; empty when absent or malformed."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    cursors = {}
+    for side in ("right", "left"):
+        point = value.get(side)
+        if isinstance(point, dict):
+            try:
+                cursors[side] = {a: float(point[a]) for a in ("x", "y", "z") if a in point}
+            except (TypeError, ValueError):
+                continue
+    return cursors
+
+
+def _plane_figures(state: dict, plane: str, opacity: float, threshold: float,
+                   cursors: dict | None = None):
+    label = METHOD_LABELS.get(state["method"], "Grad-CAM")
+    return [viewers.plane_viewer(state["views"][side], plane,
+                                 cursor=(cursors or {}).get(side), opacity=opacity,
+                                 threshold=threshold, method_label=label)
+            for side in ("right", "left")]
+
+
+def _figure_3d(state: dict, opacity: float, threshold: float):
+    return viewers.figure_3d(state["scene"], threshold=threshold, opacity=opacity,
+                             method_label=METHOD_LABELS.get(state["method"], "Grad-CAM"))
+
+
+def _view_state(prediction, source, method: str) -> dict:
+    """What redraws need, computed once per prediction (display grids, 3D scene)."""
+    views = {side: viewers.side_view(prediction.sides[side], prediction.image,
+                                     prediction.landmarks)
+             for side in ("right", "left")}
+    return {"views": views, "scene": viewers.scene_3d(prediction), "source": source,
+            "method": method}
 
 
 # --- Layout ---------------------------------------------------------------------------
@@ -302,15 +401,17 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
     cases = example_cases()
     first_case = next(iter(cases))
 
-    def predict(files, folder, opacity, progress=gr.Progress()):
-        source = _source_from_uploads(files, folder)
+    def run(source, method, opacity, threshold, plane, landmark_z_mm, progress):
         progress(0.0, desc="Loading models")
         try:
             prediction = holder.get().predict(
-                source, progress=_progress_adapter(progress)
+                source, landmark_z_mm=landmark_z_mm, method=method,
+                progress=_progress_adapter(progress),
             )
             report_path = _write_report(prediction, reports_dir)
-            right_fig, left_fig = _figures(prediction.sides, opacity)
+            state = _view_state(prediction, source, method)
+            right_fig, left_fig = _plane_figures(state, plane, opacity, threshold)
+            fig_3d = _figure_3d(state, opacity, threshold)
         except InputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         except gr.Error:
@@ -327,15 +428,41 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
             right_fig,
             summary["left"],
             left_fig,
+            fig_3d,
             viewers.warnings_markdown(prediction),
             gr.DownloadButton(value=report_path, visible=True),
-            prediction.sides,  # enough to redraw; the whole image stays out of State
+            state,  # display grids and the source; the full image stays out of State
+            round(float(prediction.landmarks.world_z_mm), 1),
         )
 
-    def redraw(opacity, sides):
-        if sides is None:
+    def predict(files, folder, method, opacity, threshold, plane,
+                progress=gr.Progress()):
+        source = _source_from_uploads(files, folder)
+        return run(source, method, opacity, threshold, plane, None, progress)
+
+    def rerun(landmark_z, method, opacity, threshold, plane, state,
+              progress=gr.Progress()):
+        if state is None:
+            raise gr.Error("Press Predict first; the landmark can then be moved.",
+                           print_exception=False)
+        if landmark_z is None or not np.isfinite(float(landmark_z)):
+            raise gr.Error("Enter the AIIS level as a world z in mm.",
+                           print_exception=False)
+        return run(state["source"], method, opacity, threshold, plane,
+                   float(landmark_z), progress)
+
+    def redraw_planes(plane, opacity, threshold, cursor, state):
+        if state is None:
             return gr.skip(), gr.skip()
-        return tuple(_figures(sides, opacity))
+        return tuple(_plane_figures(state, plane, opacity, threshold,
+                                    _parse_cursor(cursor)))
+
+    def redraw_all(plane, opacity, threshold, cursor, state):
+        if state is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        right_fig, left_fig = _plane_figures(state, plane, opacity, threshold,
+                                             _parse_cursor(cursor))
+        return right_fig, left_fig, _figure_3d(state, opacity, threshold)
 
     with gr.Blocks(title="femurrisk (research demo)", analytics_enabled=False,
                    delete_cache=(CACHE_MAX_AGE_S, CACHE_MAX_AGE_S)) as demo:
@@ -362,32 +489,51 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
             with gr.Column(scale=1):
                 example = gr.Dropdown(list(cases), value=first_case, label="Examples",
                                       elem_id="examples")
+                method = gr.Radio(METHOD_CHOICES, value="gradcam",
+                                  label="Explanation", elem_id="method")
                 predict_btn = gr.Button("Predict", variant="primary",
                                         elem_id="predict")
-                opacity = gr.Slider(0.0, 1.0, value=0.4, step=0.05,
-                                    label="Heatmap opacity", elem_id="opacity")
 
         landmark_md = gr.Markdown(elem_id="landmark")
+        with gr.Row(equal_height=True):
+            landmark_z = gr.Number(None, label="AIIS level, world z (mm, RAS+)",
+                                   elem_id="landmark-z", precision=1, scale=2)
+            use_slice_btn = gr.Button("Take the axial slice shown", size="md",
+                                      elem_id="use-slice", scale=1)
+            rerun_btn = gr.Button("Rerun with this level", variant="secondary",
+                                  elem_id="rerun", scale=1)
+        with gr.Row():
+            plane = gr.Radio(PLANE_CHOICES, value="axial", label="Plane",
+                             elem_id="plane")
+            opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05,
+                                label="Heatmap opacity", elem_id="opacity")
+            threshold = gr.Slider(0.0, 0.95, value=0.0, step=0.05,
+                                  label="Heatmap threshold", elem_id="threshold")
+        cursor = gr.Textbox("", visible=False, elem_id="cursor")
         gr.Markdown("Radiological layout: the patient's **right** femur is on the "
-                    "screen's left, as in the axial images.")
+                    "screen's left. Slice sliders move in the browser; the dotted lines "
+                    "show where the other two planes cut, and switching the plane keeps "
+                    "the point you were looking at.")
         with gr.Row():
             with gr.Column():
                 right_md = gr.Markdown(elem_id="result-right")
-                right_plot = gr.Plot(label="Right femur, axial", elem_id="plot-right")
+                right_plot = gr.Plot(label="Right femur", elem_id="plot-right")
             with gr.Column():
                 left_md = gr.Markdown(elem_id="result-left")
-                left_plot = gr.Plot(label="Left femur, axial", elem_id="plot-left")
+                left_plot = gr.Plot(label="Left femur", elem_id="plot-left")
+        plot_3d = gr.Plot(label="Both femurs, 3D", elem_id="plot-3d")
         with gr.Accordion("Warnings", open=True):
             warnings_md = gr.Markdown(elem_id="warnings")
         download = gr.DownloadButton("Download JSON report", visible=False,
                                      elem_id="download")
 
-        results = [landmark_md, right_md, right_plot, left_md, left_plot, warnings_md,
-                   download, result_state]
+        results = [landmark_md, right_md, right_plot, left_md, left_plot, plot_3d,
+                   warnings_md, download, result_state, landmark_z]
 
         def clear_results():
             """Results of an earlier scan must never stand beside a new input."""
-            return ("", "", None, "", None, "", gr.DownloadButton(visible=False), None)
+            return ("", "", None, "", None, None, "", gr.DownloadButton(visible=False),
+                    None, None)
 
         # One input at a time: choosing an example or uploading empties the other.
         example.input(lambda label: (cases[label], None), inputs=example,
@@ -396,10 +542,20 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
         files.upload(lambda: None, outputs=folder)
         for component in (files, folder):
             component.change(clear_results, outputs=results, queue=False)
-        predict_btn.click(predict, inputs=[files, folder, opacity], outputs=results,
-                          concurrency_limit=1)
-        opacity.release(redraw, inputs=[opacity, result_state],
-                        outputs=[right_plot, left_plot])
+        predict_btn.click(predict, inputs=[files, folder, method, opacity, threshold, plane],
+                          outputs=results, concurrency_limit=1)
+        rerun_btn.click(rerun, inputs=[landmark_z, method, opacity, threshold, plane,
+                                       result_state],
+                        outputs=results, concurrency_limit=1)
+        use_slice_btn.click(None, inputs=landmark_z, outputs=landmark_z,
+                            js=AXIAL_SLICE_JS)
+        view_inputs = [plane, opacity, threshold, cursor, result_state]
+        read_cursor = READ_CURSOR_JS.replace("CURSOR_INDEX", "3")
+        plane.change(redraw_planes, inputs=view_inputs, outputs=[right_plot, left_plot],
+                     js=read_cursor)
+        threshold.release(redraw_all, inputs=view_inputs,
+                          outputs=[right_plot, left_plot, plot_3d], js=read_cursor)
+        opacity.change(None, inputs=opacity, outputs=None, js=OPACITY_JS)
     return demo
 
 

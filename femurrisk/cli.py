@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--landmark-z", type=float, metavar="MM",
                          help="set the AIIS level by hand, world z in RAS+ mm")
     predict.add_argument("--series-uid", help="DICOM SeriesInstanceUID to use")
+    predict.add_argument(
+        "--explain", choices=("gradcam", "guided_gradcam"), default="gradcam",
+        help="explanation written as gradcam_<side>.nii.gz: Grad-CAM (coarse, "
+        "default) or guided Grad-CAM (voxel-sharp)",
+    )
     predict.add_argument("-v", "--verbose", action="store_true", help="log progress")
     return parser
 
@@ -55,7 +60,7 @@ def run_predict(args: argparse.Namespace) -> int:
     loaded = load_ct(source, series_uid=args.series_uid)
     predictor = Predictor(device=args.device, classifier=args.classifier)
     prediction = predictor.predict(
-        loaded, landmark_z_mm=args.landmark_z,
+        loaded, landmark_z_mm=args.landmark_z, method=args.explain,
         progress=lambda fraction, message: logger.info("%3.0f%% %s", 100 * fraction, message),
     )
     write_outputs(prediction, args.out, save_crops=args.save_crops)

@@ -17,7 +17,9 @@ import numpy as np
 from femurrisk import __version__, registry
 from femurrisk.classification import Classifier, network_input, to_batch
 from femurrisk.cropping import metal_volume_mm3, side_crop, to_network_orientation
-from femurrisk.explanation import gradcam, normalize_jointly
+from femurrisk.explanation import (
+    DEFAULT_METHOD, METHODS, NORMALIZATION_QUANTILE, explain, normalize_jointly,
+)
 from femurrisk.geometry import CROP_SLICES, METAL_MIN_VOLUME_MM3
 from femurrisk.landmark import LandmarkFinder, nearest_slice
 from femurrisk.loading import LoadedCT, load_ct
@@ -58,6 +60,7 @@ class Predictor:
     def predict(
         self, source, *, landmark_z_mm: float | None = None,
         progress: Progress | None = None, series_uid: str | None = None,
+        method: str = DEFAULT_METHOD,
     ) -> Prediction:
         """Run the whole pipeline on a CT.
 
@@ -68,10 +71,14 @@ class Predictor:
                 the network's level is replaced and the result says so.
             progress: Optional callback ``(fraction, message)``.
             series_uid: DICOM series to use when the upload holds several.
+            method: Explanation, one of :data:`femurrisk.explanation.METHODS`.
 
         Raises:
             InputError: If the input cannot be read or holds no pelvis.
+            ValueError: If ``method`` is not one of the explanation methods.
         """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, not {method!r}")
         report = progress or (lambda fraction, message: None)
         timings: dict[str, float] = {}
 
@@ -118,12 +125,12 @@ class Predictor:
             batch = to_batch([inputs[side] for side in SIDES])
             probabilities = self.classifier.probabilities(batch)
 
-        with step("gradcam", 0.8, "Computing Grad-CAM"):
-            maps = gradcam(self.classifier.model, self.classifier.gradcam_layer,
-                           batch.to(self.device))
+        with step("gradcam", 0.8, "Computing the explanation"):
+            maps = explain(self.classifier.model, self.classifier.gradcam_layer,
+                           batch.to(self.device), method)
             # Back to each crop's own orientation (mirroring is its own inverse).
             maps = [to_network_orientation(m, side) for m, side in zip(maps, SIDES)]
-            maps = normalize_jointly(maps)
+            maps = normalize_jointly(maps, NORMALIZATION_QUANTILE[method])
 
         sides = {}
         for index, side in enumerate(SIDES):
@@ -149,7 +156,8 @@ class Predictor:
             sides=sides, landmarks=landmarks, threshold=self.classifier.threshold,
             input_description=loaded.description, input_kind=loaded.kind,
             input_shape=tuple(int(s) for s in loaded.image.shape),
-            input_spacing_mm=zooms, model=self.model_info(), warnings=warnings,
+            input_spacing_mm=zooms, model={**self.model_info(), "explanation": method},
+            warnings=warnings,
             timings_s=timings, device=str(self.device), image=image,
             input_affine=np.asarray(loaded.image.affine),
         )

@@ -64,9 +64,11 @@ class FakePredictor:
 
     def __init__(self):
         self.sources = []
+        self.calls = []
 
-    def predict(self, source, *, landmark_z_mm=None, progress=None):
+    def predict(self, source, *, landmark_z_mm=None, progress=None, method="gradcam"):
         self.sources.append(source)
+        self.calls.append({"landmark_z_mm": landmark_z_mm, "method": method})
         if progress is not None:
             progress(0.5, "halfway")
         if "bad" in str(source):
@@ -74,7 +76,12 @@ class FakePredictor:
         if "crash" in str(source):
             leaked = "/secret/" + "patient_name.dcm exploded"  # not on the raise line
             raise RuntimeError(leaked)
-        return fake_prediction()
+        prediction = fake_prediction()
+        if landmark_z_mm is not None:
+            prediction.landmarks.world_z_mm = float(landmark_z_mm)
+            prediction.landmarks.method = "manual"
+            prediction.warnings.append("The landmark slice was set manually.")
+        return prediction
 
 
 # --- build_demo -------------------------------------------------------------------
@@ -120,8 +127,19 @@ def test_example_cases_lists_shared_scans_only_when_present(tmp_path):
 # --- handlers through the Blocks' own functions ------------------------------------
 
 
+def _fn(demo, name):
+    return next(f.fn for f in demo.fns.values() if f.name == name)
+
+
 def _predict_fn(demo):
-    return next(f.fn for f in demo.fns.values() if f.name == "predict")
+    fn = _fn(demo, "predict")
+
+    def call(files, folder, opacity=0.4, *, method="gradcam", threshold=0.0,
+             plane="axial", progress=None):
+        return fn(files, folder, method, opacity, threshold, plane,
+                  progress=progress or (lambda *a, **k: None))
+
+    return call
 
 
 def test_predict_handler_fills_both_sides_and_writes_the_report():
@@ -129,9 +147,8 @@ def test_predict_handler_fills_both_sides_and_writes_the_report():
     outputs = _predict_fn(app.build_demo(predictor))(
         ["scan.nii.gz"], None, 0.4, progress=lambda *a, **k: None
     )
-    landmark_md, right_md, right_fig, left_md, left_fig, warn_md, download, state = (
-        outputs
-    )
+    (landmark_md, right_md, right_fig, left_md, left_fig, fig_3d, warn_md, download,
+     state, landmark_z) = outputs
     assert predictor.sources == ["scan.nii.gz"]
     assert DECISION_IMPLANT in right_md
     assert "81.0 %, shown for reference only" in right_md
@@ -142,7 +159,9 @@ def test_predict_handler_fills_both_sides_and_writes_the_report():
     assert left_fig.layout.meta["side"] == "left"
     report = json.loads(Path(download.value["path"]).read_text())
     assert "schema_version" in report
-    assert set(state) == {"left", "right"}
+    assert set(state["views"]) == {"left", "right"}
+    assert fig_3d.layout.meta["view"] == "3d"
+    assert landmark_z == 0.0
 
 
 def test_predict_handler_prefers_the_folder_and_passes_lists():
