@@ -1008,11 +1008,11 @@ def phantom_base(anatomy_seed: int, scale: float, sex: str, density: float,
     width = rng.uniform(0.95, 1.05) + (0.04 if sex == "F" else 0.0)
     hx = 84.0 * s * width
     fat_mm = rng.uniform(10.0, 32.0) * s + (8.0 if sex == "F" else 0.0)
-    girth = rng.uniform(0.95, 1.12)
+    girth = rng.uniform(0.92, 1.1)
     volume = np.full(_PHANTOM_SHAPE, AIR_HU, dtype=np.float32)
 
     # Body outline and soft tissue.
-    bx, by = (hx + 100.0 * s) * girth, 118.0 * s * girth
+    bx, by = (hx + 80.0 * s) * girth, 118.0 * s * girth
     waist = 1.0 - 0.12 * _smoothstep((f.z - 110.0 * s) / 90.0)
     trunk = np.sqrt((f.x / (bx * waist)) ** 2 + ((f.y + 15.0 * s) / by) ** 2)
     trunk = (trunk - 1.0) * by
@@ -1069,8 +1069,11 @@ def phantom_base(anatomy_seed: int, scale: float, sex: str, density: float,
     # Per side: pelvis half and femur.
     femur = np.zeros(_PHANTOM_SHAPE, dtype=np.uint8)
     heads, aiis, troch, shaft, lts = {}, {}, {}, {}, {}
-    pelvis = f.ellipsoid((0.0, -25.0 * s, 30.0 * s), (hx + 40.0 * s, 95.0 * s, 120.0 * s))
-    bowl = np.abs(pelvis + 5.0 * s) - 4.5 * s
+    # Iliac wings: the wall of an elliptic funnel that flares upwards to the crests.
+    half_width = 1.05 * hx + 0.42 * np.maximum(f.z - 20.0 * s, 0.0)
+    funnel = np.sqrt((f.x / half_width) ** 2 + ((f.y + 25.0 * s) / (115.0 * s)) ** 2)
+    funnel = (funnel - 1.0) * np.minimum(half_width, 115.0 * s)
+    bowl = np.abs(funnel + 5.0 * s) - 4.5 * s
     bowl = np.maximum(bowl, np.maximum(np.maximum(5.0 * s - f.z, f.z - 125.0 * s),
                                        np.maximum(35.0 * s - np.abs(f.x), f.y - 50.0 * s)))
     bowl = np.maximum(bowl, -75.0 * s - f.y)  # posteriorly the wings end at the SI joints
@@ -1263,7 +1266,7 @@ def _add_table(volume: np.ndarray, grid: _Grid, prone: bool, rng) -> dict:
         return np.clip((np.minimum(depth - lo, hi - depth)) / pixel + 0.5, 0.0, 1.0)
 
     wide = np.abs(x - centre_x) < 240.0
-    hu = (250.0 * (slab(0, shell) + slab(thickness - shell, thickness))
+    hu = ((250.0 - AIR_HU) * (slab(0, shell) + slab(thickness - shell, thickness))
           + (-850.0 - AIR_HU) * slab(shell, thickness - shell)) * wide
     air = volume <= AIR_HU + 1.0
     volume += (hu[:, :, None] * air).astype(np.float32)
@@ -1355,6 +1358,14 @@ def generate_study(spec=None, study_id: int = 0) -> SyntheticCase:
     fov = rng.uniform(*hospital.fov_mm)
     body_centre = np.r_[centre[0], lo[1] + spacing[1] * base.volume_hu.shape[1] / 2.0]
     fov_centre = body_centre + translation[:2] + rng.normal(0.0, 8.0, 2)
+    # Scanners centre the field so that the couch under the patient is in view.
+    body_rows = np.flatnonzero((volume_d > -500.0).any(axis=(0, 2)))
+    body_y = affine_d[1, 3] + translation[1] + affine_d[1, 1] * body_rows[[0, -1]]
+    couch_side = rng.uniform(25.0, 45.0)
+    if study.position.endswith("P"):
+        fov_centre[1] = min(body_y[1] + couch_side - fov / 2.0, body_y[0] - 5.0 + fov / 2.0)
+    else:
+        fov_centre[1] = max(body_y[0] - couch_side + fov / 2.0, body_y[1] + 5.0 - fov / 2.0)
     head_z = min(h[2] for h in points["head"].values())
     aiis_z = max(p[2] for p in points["aiis"].values())
     z_bottom = max(head_z - rng.uniform(70.0, 125.0), z_full[0] + translation[2])
@@ -1525,13 +1536,16 @@ def _views(volume, affine, aiis_mm, head_mm):
 
 
 def render_contact_sheet(path: str | Path, seed: int = 0,
-                         case_ids: tuple[int, ...] = (0, 2, 3, 4)) -> Path:
+                         case_ids: tuple[int, ...] = (0, 2, 3, 4),
+                         study_ids: tuple[int, ...] | None = None) -> Path:
     """Save a PNG of the real scan beside generated cases (bone-ish window).
 
     Args:
         path: PNG to write.
         seed: Cohort seed.
-        case_ids: Cases to show, one row each.
+        case_ids: Cases of the first version's cohort to show, one row each.
+        study_ids: If given, CTs of the multi-site cohort (seed ``seed``, the
+            study's size) instead of ``case_ids``.
 
     Returns:
         The path.
@@ -1547,11 +1561,18 @@ def render_contact_sheet(path: str | Path, seed: int = 0,
              {s: nib.affines.apply_affine(real.affine, REAL_AIIS_VOXEL[s]) for s in SIDES},
              {s: nib.affines.apply_affine(real.affine, REAL_HEAD_VOXEL[s]) for s in SIDES},
              None)]
-    for case_id in case_ids:
-        case = generate_case(seed, case_id)
+    spec = design_module().CohortSpec(seed=seed)
+    for case_id in (study_ids if study_ids is not None else case_ids):
+        if study_ids is not None:
+            case = generate_study(spec, case_id)
+        else:
+            case = generate_case(seed, case_id)
         lesions = ", ".join(f"{s[0].upper()}:{case.lesion[s].kind[:5]}" if case.lesion[s]
                             else f"{s[0].upper()}:-" for s in SIDES)
-        title = (f"case {case_id} site {case.site}{' mirrored' if case.mirrored else ''}"
+        kind = (f" {case.params['anatomy']} {case.params['position']}"
+                if study_ids is not None else "")
+        title = (f"case {case_id} site {case.site}{kind}"
+                 f"{' mirrored' if case.mirrored else ''}"
                  f" | {lesions} | label L{case.label['left']} R{case.label['right']}"
                  f"{' | implant' if any(case.implant.values()) else ''}")
         rows.append((title, np.asarray(case.image.dataobj), case.image.affine,
