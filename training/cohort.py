@@ -34,6 +34,12 @@ enriched to about 35 % positive sides by case-control sampling (see
 :func:`generate_case`), so its probabilities must be recalibrated to the target
 prevalence.
 
+The multi-site cohort of the source study's size (:func:`generate_study`, with the
+table of :mod:`training.cohort_design`) reuses this pipeline with a patient's
+anatomy that is either this base or a parametric phantom (:func:`phantom_base`),
+per-site acquisition, a couch, and the design's lesions; see ``docs/cohort.md``.
+The limitations below concern the real-anatomy base.
+
 Known limitations, where they matter:
 
 * All cases share one patient's anatomy; the deformations vary shape, not identity.
