@@ -86,3 +86,45 @@ def classifier_samples(case, rng: np.random.Generator | None = None,
             float(case.true_risk[side]), implant,
         ))
     return samples
+
+
+# --- Splits ---------------------------------------------------------------------------
+
+
+def assign_splits(patient_ids: np.ndarray, sites: np.ndarray, labels: np.ndarray,
+                  train_site: str | None, val_fraction: float, seed: int) -> np.ndarray:
+    """Split rows into ``"train"``, ``"validation"`` and ``"test"`` by patient.
+
+    The study's protocol: train on one hospital (``train_site``), take the internal
+    validation from that hospital's patients, test on every other hospital. Without
+    ``train_site`` all rows are split into training and validation only. Every row of
+    a patient lands in one split.
+
+    This is the local stand-in for the cohort's own split helpers; it takes patient
+    and site per row, so a table from a real cohort works unchanged.
+
+    Raises:
+        ValueError: If ``train_site`` has no rows, or a patient appears at two sites.
+    """
+    patient_ids, sites = np.asarray(patient_ids), np.asarray(sites).astype(str)
+    split = np.full(len(patient_ids), "test", dtype=object)
+    at_site = np.ones(len(patient_ids), bool) if train_site is None else sites == train_site
+    if not at_site.any():
+        raise ValueError(f"train_site must be one of {sorted(set(sites))}, got {train_site!r}")
+    crossing = set(patient_ids[at_site]) & set(patient_ids[~at_site])
+    if crossing:
+        raise ValueError(f"patients must belong to one site, got {len(crossing)} at two")
+    rng = np.random.default_rng(seed)
+    val_patients = []
+    # Stratified: patients with and without a positive side are drawn separately, so
+    # that the few positives of one hospital reach both training and validation.
+    positive = set(patient_ids[at_site & (np.asarray(labels) == 1)])
+    for stratum in (True, False):
+        group = np.array(sorted(p for p in set(patient_ids[at_site])
+                                if (p in positive) == stratum))
+        if len(group):
+            n_val = max(1, int(round(val_fraction * len(group))))
+            val_patients += list(rng.choice(group, size=n_val, replace=False))
+    split[at_site] = np.where(np.isin(patient_ids[at_site], val_patients),
+                              "validation", "train")
+    return split.astype(str)

@@ -1,66 +1,254 @@
-"""Train a fracture classifier on cached per-side crops.
+"""Train a fracture classifier on cached per-side crops, by the source study's protocol.
 
     python -m training.train_classifier --config densenet121_minimal --run runs/densenet121
+    python -m training.train_classifier --config densenet121_quick --run runs/quick/densenet121
+    torchrun --nproc_per_node 8 -m training.train_classifier --config densenet121_paper --run DIR
 
-Splits by case (patient), trains with random affine augmentation applied to both
-classes alike, keeps the epoch with the best validation AUROC, then sets the operating
-threshold on validation and the prior-shift calibration (see the config).
+Steps, as in the study (config keys in brackets): split by patient, training and
+validation from one hospital [train_site, val_fraction], test on the others; each
+training positive is shown with [positive_copies] affine copies per epoch, and every
+presentation of either class is augmented with the same chance [augment_probability]
+so that augmentation is no label; the epoch with the best validation AUROC is kept;
+the operating threshold is chosen on validation only [threshold_rule]; probabilities
+are moved by a prior shift from the presented (inflated) prevalence back to the
+cohort's and to the deployment prevalence [target_prevalence].
+
+Outputs in the run folder: ``config.yaml`` (resolved), ``metrics.csv`` and ``tb/``
+(per epoch), ``checkpoint_last.safetensors`` (``--resume`` continues from it),
+``classifier_<arch>.safetensors`` (best epoch, metadata for the app),
+``predictions.csv`` (validation and test rows, with augmented copies) and
+``summary.json`` (split sizes, calibration, threshold, throughput, shortcut check).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.metrics import compute_roc_auc
-from monai.transforms import RandAffine
-from monai.utils import set_determinism
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from femurrisk import registry
+from training import distributed
+from training.augment import (
+    EVAL_EPOCH, affine_transform, augmentation_shift, augmented, presentation_seed, to_tensor,
+)
 from training.config import load_config, save_config
+from training.data import assign_splits
+from training.metrics import auroc, auprc, choose_threshold, logit, prior_shift, sigmoid
 
 logger = logging.getLogger(__name__)
 
-
-def logit(p: float) -> float:
-    return float(np.log(p / (1.0 - p)))
-
-
-def split_by_case(case_ids: np.ndarray, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation rows; every side of a case falls on one side of it."""
-    cases = np.unique(case_ids)
-    rng = np.random.default_rng(seed)
-    val_cases = rng.choice(cases, size=max(1, int(round(val_fraction * len(cases)))), replace=False)
-    return np.isin(case_ids, val_cases)
+#: Per-row truth carried into predictions.csv when crops.npz has it.
+TRUTH_FIELDS = ("true_risk", "lesion_kind", "lesion_place", "size_ratio",
+                "axial_cortical_involvement_mm")
 
 
-def youden_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """Threshold maximising sensitivity + specificity - 1 on the given set."""
-    best, best_t = -1.0, 0.5
-    for t in np.unique(probabilities):
-        predicted = probabilities >= t
-        sensitivity = (predicted & (labels == 1)).sum() / max(1, (labels == 1).sum())
-        specificity = (~predicted & (labels == 0)).sum() / max(1, (labels == 0).sum())
-        if sensitivity + specificity - 1 > best:
-            best, best_t = sensitivity + specificity - 1, float(t)
-    return best_t
+# --- Data -----------------------------------------------------------------------------
+
+
+def load_crops(data_dir: Path) -> dict[str, np.ndarray]:
+    """Arrays of ``crops.npz`` without implanted sides; older caches get defaults.
+
+    Caches written before sites and patients were recorded take the site from
+    ``manifest.csv`` when it has one and treat each case as its own patient.
+    """
+    with np.load(data_dir / "crops.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays.setdefault("label", arrays.get("labels"))
+    arrays.setdefault("patient_id", arrays["case_id"])
+    if "site" not in arrays:
+        sites = {}
+        manifest = data_dir / "manifest.csv"
+        if manifest.is_file():
+            with open(manifest) as handle:
+                sites = {int(r["case_id"]): r.get("site", "") for r in csv.DictReader(handle)}
+        arrays["site"] = np.array([sites.get(int(c), "") for c in arrays["case_id"]])
+    keep = ~arrays["implant"].astype(bool)  # the product does not score implanted sides
+    return {k: np.asarray(v)[keep] for k, v in arrays.items() if v is not None}
+
+
+class Presentations(Dataset):
+    """Training presentations of one epoch: (row, copy) pairs, augmented reproducibly.
+
+    Every positive row appears ``1 + positive_copies`` times, every negative once.
+    Whether a presentation is augmented is drawn from its own seed: with
+    ``augment_all_classes`` every presentation has the chance ``augment_probability``;
+    without it (the study's literal protocol) only a positive's copies 1.. are.
+    """
+
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                 config: dict) -> None:
+        self.inputs, self.labels, self.config = inputs, labels, config
+        copies = np.where(labels[rows] == 1, 1 + config["positive_copies"], 1)
+        self.items = [(int(r), c) for r, n in zip(rows, copies) for c in range(n)]
+        self.transform = affine_transform(config)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def positive_share(self) -> float:
+        return float(np.mean([self.labels[r] for r, _ in self.items]))
+
+    def is_augmented(self, row: int, copy: int, seed: int) -> bool:
+        if self.config["augment_all_classes"]:
+            draw = np.random.default_rng(seed).random()
+            return bool(draw < self.config["augment_probability"])
+        return copy > 0
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row, copy = self.items[index]
+        seed = presentation_seed(self.config["seed"], self.epoch, row, copy)
+        volume = self.inputs[row]
+        x = (augmented(volume, self.transform, seed) if self.is_augmented(row, copy, seed)
+             else to_tensor(volume))  # (1, x, y, z)
+        return x, torch.tensor([float(self.labels[row])])
+
+
+def subsample_patients(rows: np.ndarray, patient_ids: np.ndarray, limit: int | None,
+                       seed: int) -> np.ndarray:
+    """At most ``limit`` patients' rows, drawn at random (all rows when None)."""
+    patients = np.unique(patient_ids[rows])
+    if limit is None or len(patients) <= limit:
+        return rows
+    keep = np.random.default_rng([seed, 5]).choice(patients, size=limit, replace=False)
+    return rows[np.isin(patient_ids[rows], keep)]
+
+
+def evaluation_rows(labels: np.ndarray, rows: np.ndarray, positive_copies: int
+                    ) -> list[tuple[int, int]]:
+    """(row, copy) pairs to score: every row as is, positives also as fixed copies."""
+    items = [(int(r), 0) for r in rows]
+    items += [(int(r), c) for r in rows if labels[r] == 1
+              for c in range(1, positive_copies + 1)]
+    return items
 
 
 @torch.no_grad()
-def predict_logits(model, inputs: np.ndarray, device, batch_size: int = 16) -> np.ndarray:
+def predict(model: torch.nn.Module, inputs: np.ndarray, items: list[tuple[int, int]],
+            config: dict, device: torch.device, desc: str = "predict") -> np.ndarray:
+    """Logits of (row, copy) pairs; copy 0 is the crop as is, others fixed augmentations."""
     model.eval()
+    transform = affine_transform(config)
+    size = config["eval_batch_size"]
     out = []
-    for start in range(0, len(inputs), batch_size):
-        x = torch.from_numpy(inputs[start:start + batch_size, None].astype(np.float32) / 255.0)
-        out.append(model(x.to(device))[:, 0].float().cpu().numpy())
+    for start in tqdm(range(0, len(items), size), desc=desc, leave=False):
+        batch = torch.stack([
+            to_tensor(inputs[r]) if c == 0 else
+            augmented(inputs[r], transform, presentation_seed(config["seed"], EVAL_EPOCH, r, c))
+            for r, c in items[start:start + size]
+        ])  # (N, 1, x, y, z)
+        out.append(model(batch.to(device))[:, 0].float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+# --- Checkpoints ----------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict) -> None:
+    """Model, optimizer and loop state as one safetensors file (written atomically)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    optim = optimizer.state_dict()
+    for pid, slots in optim["state"].items():
+        for name, value in slots.items():
+            tensors[f"optimizer.{pid}.{name}"] = torch.as_tensor(value).cpu().contiguous()
+    meta = {"param_groups": json.dumps(optim["param_groups"]), "state": json.dumps(state)}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model and optimizer from :func:`save_checkpoint`; return the loop state."""
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    slots: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            slots.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": slots,
+                               "param_groups": json.loads(meta["param_groups"])})
+    return json.loads(meta["state"])
+
+
+# --- Training -------------------------------------------------------------------------
+
+
+def train_one_epoch(model: torch.nn.Module, loader: DataLoader,
+                    optimizer: torch.optim.Optimizer, device: torch.device,
+                    scaler: torch.amp.GradScaler | None = None, on_step=None,
+                    desc: str = "train", show: bool = True) -> list[float]:
+    """One pass over ``loader``; returns the loss of every step (this process's).
+
+    Args:
+        on_step: Called as ``on_step(step, loss)`` after every optimizer step (the
+            distributed test checks parameters there).
+    """
     model.train()
-    return np.concatenate(out)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    losses = []
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not show):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
+            loss = loss_fn(model(x).float(), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        losses.append(float(loss.item()))
+        if on_step is not None:
+            on_step(len(losses), losses[-1])
+    return losses
+
+
+def pipeline_throughput(loader: DataLoader, max_batches: int = 20) -> float:
+    """Cases per second of the data pipeline alone (loading and augmentation)."""
+    start, cases = time.perf_counter(), 0
+    for n, (x, _) in enumerate(loader):
+        cases += len(x)
+        if n + 1 >= max_batches:
+            break
+    return cases / max(time.perf_counter() - start, 1e-9)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is in requirements.txt; CSV still logs
+        logger.warning("tensorboard is not installed; metrics go to metrics.csv only")
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def set_determinism(config: dict, device: torch.device) -> None:
+    """Seeds everywhere; deterministic kernels on CPU, cudnn autotuning on GPU if asked."""
+    torch.manual_seed(config["seed"])
+    np.random.seed(config["seed"] % 2**32)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(config["cudnn_benchmark"])
+        torch.backends.cudnn.deterministic = not config["cudnn_benchmark"]
+    else:
+        torch.use_deterministic_algorithms(True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,80 +256,180 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="densenet121_minimal")
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run's checkpoint_last.safetensors")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = load_config(args.config, args.set)
-    save_config(config, args.run)
-    set_determinism(config["seed"])
-    device = registry.choose_device(None)
+    config = load_config(args.config, args.set, base="classifier_base")
+    info = distributed.init(registry.choose_device(args.device))
+    device = info.device
+    if info.is_main:
+        save_config(config, args.run)
+    set_determinism(config, device)
 
-    with np.load(Path(config["data"]) / "crops.npz") as data:
-        keep = ~data["implant"]  # implanted sides are not scored by the product
-        inputs, labels = data["inputs"][keep], data["labels"][keep]
-        case_ids = data["case_id"][keep]
-    is_val = split_by_case(case_ids, config["val_fraction"], config["seed"])
-    x_train, y_train = inputs[~is_val], labels[~is_val]
-    x_val, y_val = inputs[is_val], labels[is_val]
-    logger.info("train %d sides (%d positive), validation %d (%d positive)",
-                len(y_train), y_train.sum(), len(y_val), y_val.sum())
+    # Data and splits by patient.
+    data = load_crops(Path(config["data"]))
+    labels = data["label"].astype(np.int64)
+    split = assign_splits(data["patient_id"], data["site"], labels, config["train_site"],
+                          config["val_fraction"], config["seed"])
+    rows = {name: np.nonzero(split == name)[0] for name in ("train", "validation", "test")}
+    rows["test"] = subsample_patients(rows["test"], data["patient_id"],
+                                      config["max_test_patients"], config["seed"])
+    for name, index in rows.items():
+        logger.info("%s: %d sides (%d positive) of %d patients", name, len(index),
+                    labels[index].sum(), len(np.unique(data["patient_id"][index])))
+
+    # Presentations, sampler (one shuffled order per epoch, shared by all ranks).
+    dataset = Presentations(data["inputs"], labels, rows["train"], config)
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                 shuffle=True, seed=config["seed"])
+    loader = DataLoader(dataset, batch_size=max(1, config["batch_size"] // info.world_size),
+                        sampler=sampler, num_workers=config["num_workers"],
+                        pin_memory=device.type == "cuda",
+                        persistent_workers=config["num_workers"] > 0)
 
     model = registry.build_classifier(config["architecture"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"],
                                  weight_decay=config["weight_decay"])
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    augment = RandAffine(
-        prob=config["augment_probability"], rotate_range=(0.12, 0.12, 0.12),
-        scale_range=(0.08, 0.08, 0.08), translate_range=(3, 3, 1), padding_mode="border",
-    )
-    augment.set_random_state(config["seed"])
-    rng = np.random.default_rng(config["seed"])
-    best_auc, start = -1.0, time.time()
-    with open(args.run / "metrics.csv", "w", newline="") as handle:
-        log = csv.writer(handle)
-        log.writerow(["epoch", "train_loss", "val_auroc", "seconds"])
-        for epoch in range(1, config["epochs"] + 1):
-            order = rng.permutation(len(y_train))
-            losses = []
-            for begin in tqdm(range(0, len(order), config["batch_size"]), desc=f"epoch {epoch}"):
-                index = order[begin:begin + config["batch_size"]]
-                batch = torch.stack([
-                    augment(torch.from_numpy(x_train[i][None].astype(np.float32) / 255.0))
-                    for i in index
-                ])  # (N, 1, 64, 64, 32)
-                target = torch.from_numpy(y_train[index].astype(np.float32))[:, None]
-                optimizer.zero_grad()
-                loss = loss_fn(model(batch.to(device)), target.to(device))
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            val_logits = predict_logits(model, x_val, device)
-            auc = float(compute_roc_auc(torch.from_numpy(val_logits), torch.from_numpy(y_val)))
-            log.writerow([epoch, f"{np.mean(losses):.4f}", f"{auc:.4f}", f"{time.time() - start:.0f}"])
-            handle.flush()
-            logger.info("epoch %d: loss %.3f, validation AUROC %.3f", epoch, np.mean(losses), auc)
-            if auc > best_auc:
-                best_auc = auc
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best_logits, best_epoch = val_logits, epoch
+    use_amp = device.type == "cuda" and config["amp"]
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "seconds": 0.0, "cases": 0}
+    checkpoint = args.run / "checkpoint_last.safetensors"
+    if args.resume and checkpoint.is_file():
+        state = load_checkpoint(checkpoint, model, optimizer)
+        logger.info("resumed after epoch %d", state["epoch"])
+    model = distributed.wrap(model, info)
 
-    model.load_state_dict(best_state)
-    train_prevalence = float(y_train.mean())
-    offset = logit(config["target_prevalence"]) - logit(train_prevalence)
-    calibrated = 1.0 / (1.0 + np.exp(-(best_logits + offset)))
-    threshold = youden_threshold(calibrated, y_val)
-    predicted = calibrated >= threshold
+    sampler.set_epoch(0)
+    dataset.epoch = 0
+    pipeline_cps = pipeline_throughput(loader)
+    writer = _tensorboard(args.run) if info.is_main else None
+    log_path = args.run / "metrics.csv"
+    if info.is_main and (state["epoch"] == 0 or not log_path.is_file()):
+        with open(log_path, "w", newline="") as handle:
+            csv.writer(handle).writerow(["epoch", "train_loss", "val_auroc", "val_auprc",
+                                         "train_cases_per_s", "seconds"])
+    val_items = evaluation_rows(labels, rows["validation"], 0)
+    for epoch in range(state["epoch"] + 1, config["epochs"] + 1):
+        torch.manual_seed(config["seed"] * 1000 + epoch)
+        sampler.set_epoch(epoch)
+        dataset.epoch = epoch
+        start = time.perf_counter()
+        losses = train_one_epoch(model, loader, optimizer, device, scaler,
+                                 desc=f"epoch {epoch}", show=info.is_main)
+        seconds = time.perf_counter() - start
+        loss = distributed.mean_over_ranks(float(np.mean(losses)), info)
+        state["seconds"] += seconds
+        state["cases"] += len(dataset)
+        if info.is_main:
+            val_logits = predict(distributed.unwrap(model), data["inputs"], val_items,
+                                 config, device, "validation")
+            y_val = labels[rows["validation"]]
+            auc, ap = auroc(y_val, val_logits), auprc(y_val, val_logits)
+            cps = len(dataset) / seconds
+            with open(log_path, "a", newline="") as handle:
+                csv.writer(handle).writerow([epoch, f"{loss:.4f}", f"{auc:.4f}", f"{ap:.4f}",
+                                             f"{cps:.2f}", f"{state['seconds']:.0f}"])
+            if writer is not None:
+                for key, value in (("train/loss", loss), ("val/auroc", auc),
+                                   ("val/auprc", ap), ("train/cases_per_s", cps)):
+                    writer.add_scalar(key, value, epoch)
+                writer.flush()
+            logger.info("epoch %d: loss %.3f, validation AUROC %.3f, %.2f cases/s",
+                        epoch, loss, auc, cps)
+            if not np.isfinite(auc) or auc > state["best"]:
+                state["best"], state["best_epoch"] = float(np.nan_to_num(auc, nan=0.0)), epoch
+                registry.save_weights(distributed.unwrap(model),
+                                      args.run / "best_model.safetensors", {}, fp16=False)
+            state["epoch"] = epoch
+            save_checkpoint(checkpoint, distributed.unwrap(model), optimizer, state)
+        distributed.barrier(info)
+    if writer is not None:
+        writer.close()
+    if info.is_main:
+        model = distributed.unwrap(model)
+        registry.load_weights(model, args.run / "best_model.safetensors")
+        finish(model, data, labels, rows, config, args.run, device, state, pipeline_cps)
+    distributed.close(info)
+
+
+# --- After training: calibration, threshold, predictions --------------------------------
+
+
+def finish(model: torch.nn.Module, data: dict, labels: np.ndarray, rows: dict,
+           config: dict, run_dir: Path, device: torch.device, state: dict,
+           pipeline_cps: float) -> None:
+    """Score validation and test, calibrate, choose the threshold, write the outputs."""
+    y_train = labels[rows["train"]]
+    presented = (y_train.sum() * (1 + config["positive_copies"])) / (
+        y_train.sum() * (1 + config["positive_copies"]) + (1 - y_train).sum())
+    cohort_prevalence = float(y_train.mean())
+    target = config["target_prevalence"]
+    target = cohort_prevalence if target == "cohort" else float(target)
+    offset_cohort = prior_shift(presented, cohort_prevalence)
+    offset_deploy = prior_shift(presented, target)
+
+    records = []
+    for name, copies in (("validation", config["val_positive_copies"]),
+                         ("test", config["test_positive_copies"])):
+        items = evaluation_rows(labels, rows[name], copies)
+        logits = predict(model, data["inputs"], items, config, device, name)
+        for (row, copy), z in zip(items, logits):
+            record = {"set": name, "row": row, "copy": copy,
+                      "case_id": int(data["case_id"][row]),
+                      "patient_id": str(data["patient_id"][row]),
+                      "site": str(data["site"][row]), "side": str(data["side"][row]),
+                      "label": int(labels[row]), "logit": float(z),
+                      "probability": float(sigmoid(z + offset_cohort))}
+            for key in TRUTH_FIELDS:
+                if key in data:
+                    value = data[key][row]
+                    record[key] = value.item() if hasattr(value, "item") else value
+            records.append(record)
+
+    val = [r for r in records if r["set"] == "validation"
+           and (r["copy"] == 0 or config["threshold_set"] == "validation_augmented")]
+    threshold = choose_threshold(np.array([r["label"] for r in val]),
+                                 np.array([r["probability"] for r in val]),
+                                 config["threshold_rule"])
+    # The app compares deployment-calibrated probabilities with its threshold.
+    app_threshold = float(sigmoid(logit(threshold) - offset_cohort + offset_deploy))
+    negatives = data["inputs"][rows["validation"]][labels[rows["validation"]] == 0]
+    shortcut = augmentation_shift(model, negatives, config, device, config["seed"],
+                                  config["eval_batch_size"])
+
+    with open(run_dir / "predictions.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    summary = {
+        "architecture": config["architecture"], "best_epoch": state["best_epoch"],
+        "val_auroc": state["best"],
+        "split": {name: {"sides": int(len(index)), "positives": int(labels[index].sum()),
+                         "patients": int(len(np.unique(data["patient_id"][index]))),
+                         "sites": sorted(set(map(str, data["site"][index])))}
+                  for name, index in rows.items()},
+        "presented_prevalence": float(presented), "cohort_prevalence": cohort_prevalence,
+        "target_prevalence": target, "logit_offset_cohort": offset_cohort,
+        "logit_offset": offset_deploy, "threshold": threshold,
+        "threshold_deployment": app_threshold, "threshold_rule": config["threshold_rule"],
+        "threshold_set": config["threshold_set"],
+        "train_cases_per_s": state["cases"] / max(state["seconds"], 1e-9),
+        "pipeline_cases_per_s": pipeline_cps, "augmentation_shift": shortcut,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     metadata = {
-        "architecture": config["architecture"], "epoch": best_epoch,
-        "val_auroc": f"{best_auc:.4f}", "threshold": f"{threshold:.6g}",
-        "logit_offset": f"{offset:.6g}", "train_prevalence": f"{train_prevalence:.4f}",
-        "target_prevalence": config["target_prevalence"],
-        "val_sensitivity": f"{(predicted & (y_val == 1)).sum() / max(1, y_val.sum()):.4f}",
-        "val_specificity": f"{(~predicted & (y_val == 0)).sum() / max(1, (y_val == 0).sum()):.4f}",
-        "val_sides": len(y_val), "val_positives": int(y_val.sum()),
-        "train_sides": len(y_train), "train_positives": int(y_train.sum()),
+        "architecture": config["architecture"], "epoch": state["best_epoch"],
+        "val_auroc": f"{state['best']:.4f}", "threshold": f"{app_threshold:.6g}",
+        "logit_offset": f"{offset_deploy:.6g}", "train_prevalence": f"{presented:.4f}",
+        "target_prevalence": target, "threshold_rule": config["threshold_rule"],
+        "train_sides": int(len(y_train)), "train_positives": int(y_train.sum()),
+        "val_sides": int(len(rows["validation"])),
+        "val_positives": int(labels[rows["validation"]].sum()),
         "config": config["config_file"],
     }
-    registry.save_weights(model, args.run / f"classifier_{config['architecture']}.safetensors",
+    registry.save_weights(model, run_dir / f"classifier_{config['architecture']}.safetensors",
                           metadata, fp16=False)
     logger.info("saved: %s", metadata)
 

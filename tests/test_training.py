@@ -1,0 +1,151 @@
+"""Training package: splits, configs, the classifier run end to end with a tiny net,
+determinism, resume, and augmentation that carries no label."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import train_classifier
+from training.augment import affine_transform, augmented, to_tensor
+from training.config import load_config
+from training.data import assign_splits
+
+SHAPE = (64, 64, 32)
+
+
+class TinyNet(torch.nn.Module):
+    """A few hundred parameters: enough to find a bright blob, fast on any CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.conv(x)).amax(dim=(2, 3, 4))  # (N, 4)
+        return self.head(features)
+
+
+def make_crops(folder: Path, patients: int = 40, seed: int = 0) -> Path:
+    """crops.npz of two sides per patient at four sites; positives carry a blob."""
+    rng = np.random.default_rng(seed)
+    n = 2 * patients
+    labels = (rng.random(n) < 0.3).astype(np.int64)
+    inputs = rng.integers(60, 120, (n, *SHAPE), dtype=np.uint8)
+    for i in np.nonzero(labels)[0]:
+        x, y, z = rng.integers(16, 48), rng.integers(16, 48), rng.integers(8, 24)
+        inputs[i, x - 5:x + 5, y - 5:y + 5, z - 4:z + 4] = 250
+    patient = np.repeat(np.arange(patients), 2)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        folder / "crops.npz", inputs=inputs, label=labels, labels=labels,
+        case_id=patient, patient_id=patient, site=np.array(list("ABCD"))[patient % 4],
+        side=np.tile(["left", "right"], patients), implant=np.zeros(n, bool),
+        true_risk=np.where(labels == 1, 0.6, 0.01).astype(np.float32),
+        lesion_kind=np.where(labels == 1, "lytic", ""),
+        lesion_place=np.where(labels == 1, "neck", ""),
+        size_ratio=labels * 0.5, axial_cortical_involvement_mm=labels * 35.0,
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_crops(tmp_path_factory.mktemp("crops"))
+
+
+@pytest.fixture
+def tiny_net(monkeypatch):
+    monkeypatch.setattr(train_classifier.registry, "build_classifier",
+                        lambda name: TinyNet())
+
+
+def run(data: Path, run_dir: Path, *extra: str) -> None:
+    train_classifier.main([
+        "--config", "densenet121_quick", "--run", str(run_dir), "--device", "cpu",
+        "--set", f"data={data}", "epochs=2", "batch_size=8", "eval_batch_size=32",
+        "positive_copies=2", "val_positive_copies=2", "test_positive_copies=3",
+        "max_test_patients=null", *extra,
+    ])
+
+
+def test_splits_keep_patients_and_sites_apart():
+    rng = np.random.default_rng(1)
+    patients = np.repeat(np.arange(100), 2)
+    sites = np.array(list("ABCD"))[rng.integers(0, 4, 100)][patients]
+    labels = (rng.random(200) < 0.2).astype(int)
+    split = assign_splits(patients, sites, labels, "B", 0.2, seed=3)
+    for name in ("train", "validation", "test"):
+        others = patients[split != name]
+        assert not set(patients[split == name]) & set(others)
+    assert set(sites[split == "test"]) == {"A", "C", "D"}
+    assert set(sites[split != "test"]) == {"B"}
+    assert labels[split == "validation"].sum() > 0
+
+
+def test_splits_reject_unknown_site():
+    with pytest.raises(ValueError, match="train_site must be one of"):
+        assign_splits(np.arange(4), np.array(list("AABB")), np.zeros(4), "Z", 0.2, 0)
+
+
+def test_configs_resolve_and_name_every_key():
+    base = load_config("classifier_base")
+    for preset in ("quick", "paper"):
+        for arch in ("densenet121", "resnet18", "resnet34", "swin"):
+            config = load_config(f"{arch}_{preset}", base="classifier_base")
+            assert config["architecture"] == arch
+            assert set(base) <= set(config)
+    assert load_config("densenet121_minimal", base="classifier_base")["positive_copies"] == 0
+    text = (Path(train_classifier.__file__).parent / "configs/classifier_base.yaml").read_text()
+    for line in text.splitlines():
+        if line and not line.startswith((" ", "#")):
+            assert "#" in line, f"config line without a reason: {line}"
+
+
+def test_augmentation_adds_no_padded_corners():
+    volume = np.full(SHAPE, 100, np.uint8)
+    copy = augmented(volume, affine_transform(load_config("classifier_base")), seed=5)
+    # Border padding: no air corners, so the copy's values stay those of the original.
+    assert float(copy.min()) == pytest.approx(100 / 255, abs=1e-3)
+    assert copy.shape == to_tensor(volume).shape
+
+
+def test_classifier_run_end_to_end(tiny_data, tiny_net, tmp_path):
+    run(tiny_data, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["split"]["test"]["sites"] == ["B", "C", "D"]
+    assert summary["split"]["train"]["sites"] == ["A"]
+    with open(tmp_path / "run" / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    test = [r for r in rows if r["set"] == "test"]
+    assert {int(r["copy"]) for r in test if r["label"] == "1"} == {0, 1, 2, 3}
+    assert {int(r["copy"]) for r in test if r["label"] == "0"} == {0}
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "classifier_densenet121.safetensors").is_file()
+    assert list((tmp_path / "run" / "tb").iterdir())
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+
+
+def test_cpu_runs_are_bit_identical_and_resume(tiny_data, tiny_net, tmp_path):
+    run(tiny_data, tmp_path / "a")
+    run(tiny_data, tmp_path / "b")
+    # Interrupted after one epoch, then resumed: same weights as the full run.
+    run(tiny_data, tmp_path / "c", "epochs=1")
+    train_classifier.main([
+        "--config", "densenet121_quick", "--run", str(tmp_path / "c"), "--device", "cpu",
+        "--resume", "--set", f"data={tiny_data}", "epochs=2", "batch_size=8",
+        "eval_batch_size=32", "positive_copies=2", "val_positive_copies=2",
+        "test_positive_copies=3", "max_test_patients=null",
+    ])
+    weights = [load_file(str(tmp_path / r / "checkpoint_last.safetensors")) for r in "abc"]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+        assert torch.equal(weights[0][key], weights[2][key]), key
