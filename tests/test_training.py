@@ -149,3 +149,63 @@ def test_cpu_runs_are_bit_identical_and_resume(tiny_data, tiny_net, tmp_path):
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
         assert torch.equal(weights[0][key], weights[2][key]), key
+
+
+def check_table(table: dict, runs: dict[str, list[dict]]) -> None:
+    """Every number of every scored row against its confusion matrix and predictions."""
+    from training.metrics import auprc, auroc, brier, from_confusion
+
+    for entry in table["entries"]:
+        if "confusion" not in entry:
+            continue  # the study's published rows
+        c = entry["confusion"]
+        assert sum(c.values()) == entry["n"] and c["tp"] + c["fn"] == entry["positives"]
+        for key, value in from_confusion(c).items():
+            assert entry["metrics"][key] == pytest.approx(value, nan_ok=True), key
+        predictions = runs.get(entry.get("run", ""))
+        if predictions is None:
+            continue
+        rows = [r for r in predictions if r["set"] == "test"
+                and (entry["kind"] != "test" or r["copy"] == "0")]
+        y = np.array([int(r["label"]) for r in rows])
+        p = np.array([float(r["probability"]) for r in rows])
+        assert entry["n"] == len(rows)
+        called = p >= entry["threshold"]
+        assert c["tp"] == int((called & (y == 1)).sum())
+        assert c["fp"] == int((called & (y == 0)).sum())
+        assert entry["metrics"]["auroc"] == pytest.approx(auroc(y, p))
+        assert entry["metrics"]["auprc"] == pytest.approx(auprc(y, p))
+        assert entry["metrics"]["brier"] == pytest.approx(brier(y, p))
+
+
+def test_benchmark_table_matches_predictions(tiny_data, tiny_net, tmp_path):
+    from training import benchmark
+
+    run(tiny_data, tmp_path / "runs" / "densenet121")
+    table = benchmark.write_table([tmp_path / "runs" / "densenet121"],
+                                  tmp_path / "out" / "bench", "test", 50, 0)
+    predictions = {str(tmp_path / "runs" / "densenet121"):
+                   benchmark.read_predictions(tmp_path / "runs" / "densenet121")}
+    check_table(table, predictions)
+    kinds = [e["kind"] for e in table["entries"] if e["name"] == "densenet121"]
+    assert kinds == ["test", "augmented test (positives x4)"]
+    names = [e["name"] for e in table["entries"]]
+    assert "ceiling (true risk)" in names and any("Mirels" in n for n in names)
+    for suffix in (".md", ".json", ".png"):
+        assert (tmp_path / "out" / f"bench{suffix}").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["benchmark_quick"])
+def test_committed_benchmark_is_consistent(name):
+    path = Path(__file__).resolve().parents[1] / "docs" / f"{name}.json"
+    if not path.is_file():
+        pytest.skip(f"{path.name} not written yet")
+    table = json.loads(path.read_text())
+    check_table(table, {})
+    # No patient crosses splits: train and validation at one site, test at the others.
+    for entry in table["entries"]:
+        if "summary" in entry:
+            split = entry["summary"]["split"]
+            assert len(split["train"]["sites"]) == 1
+            assert split["validation"]["sites"] == split["train"]["sites"]
+            assert not set(split["test"]["sites"]) & set(split["train"]["sites"])
