@@ -255,8 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     runs = [args.runs / n for n in args.models if (args.runs / n / "summary.json").is_file()]
     if not runs:
         raise SystemExit(f"no finished runs (summary.json) under {args.runs}")
-    write_table(runs, args.out, f"femurrisk benchmark, {args.preset} preset",
-                args.bootstrap, args.seed)
+    table = write_table(runs, args.out, f"femurrisk benchmark, {args.preset} preset",
+                        args.bootstrap, args.seed)
+    with open(args.out.with_suffix(".md"), "a") as handle:
+        handle.write(
+            "\nReproduce (data: the command in the preset's config, key `data`):\n\n"
+            f"    python -m training.benchmark run --preset {args.preset} --runs {args.runs}"
+            f" --out {args.out}\n\nBootstrap resamples: {table['bootstrap_resamples']}.\n")
 
 
 if __name__ == "__main__":

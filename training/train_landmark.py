@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     progress = tqdm(total=config["iterations"], desc="steps")
     with open(log_path, "w", newline="") as handle:
         log = csv.writer(handle)
-        log.writerow(["step", "loss", "val_mae_mm", "val_within_6mm", "val_failed", "seconds"])
+        log.writerow(["step", "loss", "val_mae_mm", "val_mae_slices", "val_within_6mm",
+                      "val_failed", "seconds"])
         while step < config["iterations"]:
             for batch in loader:
                 optimizer.zero_grad()
@@ -134,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
                     ok = np.isfinite(errors)
                     mae = float(np.abs(errors[ok]).mean()) if ok.any() else float("inf")
                     within = float((np.abs(errors[ok]) <= 6.0).sum() / len(errors))
-                    log.writerow([step, f"{loss.item():.4f}", f"{mae:.2f}", f"{within:.3f}",
+                    # Slices of the classifier's crop (3 mm): how far the crop moves.
+                    slices = mae / g.CROP_SLICE_SPACING_MM
+                    log.writerow([step, f"{loss.item():.4f}", f"{mae:.2f}", f"{slices:.2f}",
+                                  f"{within:.3f}",
                                   int((~ok).sum()), f"{time.time() - start:.0f}"])
                     handle.flush()
                     logger.info("step %d: landmark MAE %.1f mm, %.0f%% within 6 mm, %d failed",
@@ -144,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                         best = score
                         registry.save_weights(model, args.run / "landmark_unet.safetensors", {
                             "step": step, "val_mae_mm": f"{mae:.2f}",
+                            "val_mae_slices": f"{mae / g.CROP_SLICE_SPACING_MM:.2f}",
                             "val_within_6mm": f"{within:.3f}", "config": config["config_file"],
                         }, fp16=False)
                 if step >= config["iterations"]:
