@@ -33,6 +33,15 @@ MIN_HEAD_VOLUME_MM3 = 2000.0
 #: the landmark is reported with a warning.
 AIIS_ABOVE_HEAD_MM = (5.0, 80.0)
 
+#: Plausible distance between the two femoral head centres, mm. Adults measure about
+#: 150-210 mm; the range is wide for children and very large patients. Blobs farther
+#: apart or closer together are not a pair of hips (e.g. a scan without the pelvis).
+HEAD_DISTANCE_MM = (100.0, 300.0)
+
+#: An AIIS more than this far from its own side's femoral head centre is not accepted;
+#: in adults it lies about 40-70 mm cranial, anterior and lateral of it.
+AIIS_MAX_DISTANCE_FROM_HEAD_MM = 110.0
+
 
 def landmark_input(image: nib.Nifti1Image) -> nib.Nifti1Image:
     """The scan on the landmark grid, bone window scaled to 0-1 (float32)."""
@@ -118,6 +127,14 @@ def landmarks_from_probabilities(
     )
     head_mm = {"left": centres[0], "right": centres[1]}  # RAS: left has the smaller x
     midline_x = (centres[0][0] + centres[1][0]) / 2.0
+    distance = float(np.linalg.norm(centres[1] - centres[0]))
+    if not HEAD_DISTANCE_MM[0] <= distance <= HEAD_DISTANCE_MM[1]:
+        raise InputError(
+            "No pelvis with both hips found in the field of view: the scan must be an "
+            "abdominopelvic CT that covers both hip joints; the two structures taken for "
+            f"femoral heads lie {distance:.0f} mm apart, not "
+            f"{HEAD_DISTANCE_MM[0]:.0f}-{HEAD_DISTANCE_MM[1]:.0f} mm as hips do."
+        )
 
     aiis_mask = labels == g.LABEL_AIIS
     i_mid = world_to_voxel(affine, (midline_x, 0.0, 0.0))[0]
@@ -132,6 +149,13 @@ def landmarks_from_probabilities(
             warnings.append(f"The {side} AIIS was not found; the landmark level uses the other side.")
             continue
         centre = _centroid_mm(probs[g.LABEL_AIIS] * parts[0], affine)
+        if np.linalg.norm(centre - head_mm[side]) > AIIS_MAX_DISTANCE_FROM_HEAD_MM:
+            aiis_mm[side] = None
+            warnings.append(
+                f"The {side} AIIS candidate lies too far from the {side} femoral head and "
+                "was ignored; the landmark level uses the other side."
+            )
+            continue
         aiis_mm[side] = tuple(float(v) for v in centre)
     found = [v for v in aiis_mm.values() if v is not None]
     if not found:
