@@ -209,3 +209,39 @@ def test_committed_benchmark_is_consistent(name):
             assert len(split["train"]["sites"]) == 1
             assert split["validation"]["sites"] == split["train"]["sites"]
             assert not set(split["test"]["sites"]) & set(split["train"]["sites"])
+
+
+def test_minimal_config_reads_caches_of_the_first_format(tiny_data, tiny_net, tmp_path):
+    """The model card's command: crops.npz without sites or patients, no test set."""
+    with np.load(tiny_data / "crops.npz") as data:
+        old = {k: data[k] for k in ("inputs", "labels", "true_risk", "case_id",
+                                    "implant", "side")}
+    (tmp_path / "old").mkdir()
+    np.savez_compressed(tmp_path / "old" / "crops.npz", **old)
+    train_classifier.main([
+        "--config", "densenet121_minimal", "--run", str(tmp_path / "run"),
+        "--device", "cpu", "--set", f"data={tmp_path / 'old'}", "epochs=1",
+    ])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["split"]["test"]["sides"] == 0
+    assert summary["presented_prevalence"] == pytest.approx(summary["cohort_prevalence"])
+    assert (tmp_path / "run" / "classifier_densenet121.safetensors").is_file()
+
+
+def test_export_writes_weights_and_card_from_a_run(tiny_data, tiny_net, tmp_path):
+    from femurrisk import registry
+    from training import export
+
+    run(tiny_data, tmp_path / "run", "epochs=1")
+    landmark = tmp_path / "landmark"
+    registry.save_weights(registry.build_landmark_unet(), landmark / "landmark_unet.safetensors",
+                          {"step": "1"}, fp16=False)
+    (landmark / "metrics.csv").write_text("step,val_mae_mm\n1,5.0\n")
+    export.main(["--classifier-run", str(tmp_path / "run"), "--landmark-run", str(landmark),
+                 "--assets", str(tmp_path / "assets")])
+    meta = registry.read_metadata(tmp_path / "assets" / "classifier_densenet121.safetensors")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert float(meta["threshold"]) == pytest.approx(summary["threshold_deployment"], rel=1e-5)
+    assert float(meta["logit_offset"]) == pytest.approx(summary["logit_offset"], rel=1e-5)
+    card = (tmp_path / "assets" / "MODEL_CARD.md").read_text()
+    assert "val_auroc" in card and "train_cases_per_s" in card
