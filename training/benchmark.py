@@ -173,7 +173,7 @@ def markdown(entries: list[dict], title: str) -> str:
         lines += ["", "## Runs", "",
                   "| model | best epoch | validation AUROC | threshold (rule, set) | "
                   "train cases/s | data pipeline cases/s | augmented vs original "
-                  "negatives: AUROC, mean |logit shift| (logit SD) |", "|---|---|---|---|---|---|---|"]
+                  "negatives: AUROC, mean abs logit shift (logit SD) |", "|---|---|---|---|---|---|---|"]
         for e in runs:
             s, a = e["summary"], e["summary"]["augmentation_shift"]
             lines.append(
