@@ -27,6 +27,9 @@ Usage::
         --weights densenet121=assets/classifier_densenet121.safetensors \\
         resnet18=runs/gradcam_resnet18/classifier_resnet18.safetensors \\
         --out runs/gradcam_checks
+
+    .venv/bin/python -m benchmarks.gradcam_checks --payload-scan \\
+        assets/examples/pelvis_ct_3mm.nii.gz     # figure sizes the app sends
 """
 
 from __future__ import annotations
@@ -242,15 +245,48 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def figure_payload(scan: Path, method: str = "gradcam") -> dict:
+    """Bytes of every figure the app sends for one scan, and the time to build them.
+
+    Runs the shipped models (assets/) on ``scan`` on the CPU.
+    """
+    from femurrisk import viewers
+    from femurrisk.pipeline import Predictor
+
+    prediction = Predictor(device="cpu").predict(scan, method=method)
+    started = time.perf_counter()
+    views = {side: viewers.side_view(prediction.sides[side], prediction.image,
+                                     prediction.landmarks) for side in SIDES}
+    scene = viewers.scene_3d(prediction)
+    out = {"prediction_s": prediction.timings_s, "method": method,
+           "display_grids_s": round(time.perf_counter() - started, 2)}
+    for plane in viewers.PLANES:
+        started = time.perf_counter()
+        sizes = [len(viewers.plane_viewer(views[side], plane).to_json()) for side in SIDES]
+        out[f"{plane}_bytes_both_sides"] = sum(sizes)
+        out[f"{plane}_build_s"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
+    out["3d_bytes"] = len(viewers.figure_3d(scene).to_json())
+    out["3d_build_s"] = round(time.perf_counter() - started, 2)
+    out["first_view_bytes"] = out["axial_bytes_both_sides"] + out["3d_bytes"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=30)
     parser.add_argument("--first-case", type=int, default=FIRST_CASE)
-    parser.add_argument("--weights", nargs="+", required=True, metavar="ARCH=PATH")
+    parser.add_argument("--weights", nargs="+", default=[], metavar="ARCH=PATH")
+    parser.add_argument("--payload-scan", type=Path, metavar="NIFTI",
+                        help="instead: figure sizes and build times for this scan")
     parser.add_argument("--out", type=Path, default=Path("runs/gradcam_checks"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_grad_enabled(True)
+    if args.payload_scan:
+        print(json.dumps({m: figure_payload(args.payload_scan, m)
+                          for m in ("gradcam", "guided_gradcam")}, indent=1))
+        return
 
     started = time.perf_counter()
     sides = lesion_sides(range(args.first_case, args.first_case + args.cases))

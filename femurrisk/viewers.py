@@ -525,8 +525,9 @@ def figure_3d(scene: Scene3D, *, threshold: float = 0.0, opacity: float = 0.5,
     x, y, z = _grid_coordinates(shape, scene.origin_mm, SCENE_SPACING_MM)
     fig = go.Figure()
     fig.add_trace(go.Isosurface(
-        x=x, y=y, z=z, value=scene.ct_u8.ravel(), isomin=_bone_level_u8(), isomax=255,
-        surface={"count": 1}, caps={"x_show": False, "y_show": False, "z_show": False},
+        # Two surfaces, at the bone level and at the top of the window (metal).
+        x=x, y=y, z=z, value=scene.ct_u8.ravel(), isomin=_bone_level_u8(), isomax=254,
+        surface={"count": 2}, caps={"x_show": False, "y_show": False, "z_show": False},
         colorscale=[[0, "#e8dcc0"], [1, "#e8dcc0"]], showscale=False, opacity=0.35,
         flatshading=False, name="bone", meta="bone", hoverinfo="skip",
         lighting={"ambient": 0.5, "diffuse": 0.8, "specular": 0.2},
