@@ -273,3 +273,69 @@ def test_main_warns_about_share(monkeypatch, capsys):
     assert app.main(["--share"]) == 0
     assert launched["share"] is True and launched["auth"] == [("ops", "long-password")]
     assert "outside relay" in capsys.readouterr().err
+
+
+# --- viewers: plane switch, threshold, hand-set landmark ---------------------------
+
+
+def _predicted(predictor=None):
+    predictor = predictor or FakePredictor()
+    demo = app.build_demo(predictor)
+    outputs = _predict_fn(demo)(["scan.nii.gz"], None, 0.4)
+    return demo, predictor, outputs
+
+
+def test_plane_switch_keeps_the_point_the_sliders_were_on():
+    demo, _, outputs = _predicted()
+    state = outputs[8]
+    cursor = json.dumps({"left": {"x": -20.0, "y": -10.0, "z": -30.0}})
+    right_fig, left_fig = _fn(demo, "redraw_planes")("coronal", 0.4, 0.0, cursor, state)
+    assert right_fig.layout.meta["plane"] == left_fig.layout.meta["plane"] == "coronal"
+    meta = left_fig.layout.meta
+    assert meta["cursor"]["z"] == -30.0
+    assert meta["positions_mm"][left_fig.layout.sliders[0].active] == pytest.approx(
+        -10.0, abs=1.0)
+    assert _fn(demo, "redraw_planes")("axial", 0.4, 0.0, "", None) == (
+        app.gr.skip(), app.gr.skip())
+
+
+def test_threshold_redraws_2d_and_3d():
+    demo, _, outputs = _predicted()
+    right_fig, left_fig, fig_3d = _fn(demo, "redraw_all")("axial", 0.4, 0.6, "{}",
+                                                          outputs[8])
+    heat = [t for t in left_fig.data if t.meta == "heat"]
+    values = np.concatenate([np.asarray(t.z).ravel() for t in heat])
+    assert values[values > 0].min() >= 0.6 * 255 - 1
+    assert fig_3d.layout.meta["view"] == "3d"
+
+
+@pytest.mark.parametrize("text", [None, "", "not json", "[1, 2]",
+                                  '{"left": {"x": "a"}}', '{"left": 3}'])
+def test_malformed_cursor_is_ignored(text):
+    assert app._parse_cursor(text) == {}
+
+
+def test_rerun_with_a_hand_set_landmark_says_so():
+    demo, predictor, outputs = _predicted()
+    rerun = _fn(demo, "rerun")
+    again = rerun(-12.5, "guided_gradcam", 0.4, 0.0, "axial", outputs[8],
+                  progress=lambda *a, **k: None)
+    assert predictor.sources == ["scan.nii.gz", "scan.nii.gz"]
+    assert predictor.calls[-1] == {"landmark_z_mm": -12.5, "method": "guided_gradcam"}
+    landmark_md, warn_md, left_fig, landmark_z = again[0], again[6], again[4], again[9]
+    assert "set by hand" in landmark_md and "set manually" in warn_md
+    assert left_fig.layout.meta["landmark_method"] == "manual"
+    assert landmark_z == -12.5
+    assert "Guided Grad-CAM" in left_fig.data[-1].colorbar.title.text
+
+
+def test_rerun_needs_a_prediction_and_a_level():
+    import gradio as gr
+
+    demo, _, outputs = _predicted()
+    rerun = _fn(demo, "rerun")
+    with pytest.raises(gr.Error, match="Predict first"):
+        rerun(10.0, "gradcam", 0.4, 0.0, "axial", None, progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="AIIS level"):
+        rerun(None, "gradcam", 0.4, 0.0, "axial", outputs[8],
+              progress=lambda *a, **k: None)
