@@ -192,7 +192,8 @@ def _exercise_views(page, prefix: str) -> dict:
     """Slider, opacity, plane switch and threshold, checked in the page; screenshots.
 
     Returns:
-        Figures for the note (slider latency in the browser).
+        Figures for the note: seconds for a slider step and for a plane switch (a
+        round trip that rebuilds, sends and draws both 2D views, without inference).
     """
     figures = {}
     for side in ("right", "left"):
@@ -239,12 +240,14 @@ def _exercise_views(page, prefix: str) -> dict:
     _plot_area_pixels(page, "#plot-right", f"{prefix}_right_opacity.png")
 
     # Plane switch: both views turn coronal, through the point the slider was on.
+    start = time.monotonic()
     page.locator("#plane").get_by_label("Coronal").check()
     page.wait_for_function(
         """() => ["right", "left"].every(side => {
              const gd = document.querySelector(`#plot-${side} .js-plotly-plot`);
              return gd && gd.layout.meta && gd.layout.meta.plane === "coronal"; })""",
         timeout=60_000)
+    figures["plane_switch_s"] = round(time.monotonic() - start, 2)  # no inference
     coronal = _meta(page, "left")
     assert coronal["meta"]["cursor"]["z"] == pytest.approx(moved_z)
     assert set(_heat_opacities(page, "#plot-left")) == {0.9}  # kept after redraw
