@@ -313,7 +313,8 @@ OPACITY_JS = """
 (opacity) => {
   if (window.Plotly) {
     const plots = document.querySelectorAll(
-      "#plot-right .js-plotly-plot, #plot-left .js-plotly-plot, #plot-3d .js-plotly-plot");
+      "#plot-right .js-plotly-plot, #plot-left .js-plotly-plot, " +
+      "#plot-3d .js-plotly-plot");
     for (const gd of plots) {
       const heat = (gd.data || []).map((t, i) => t.meta === "heat" ? i : -1)
                                   .filter(i => i >= 0);
@@ -353,7 +354,8 @@ def _parse_cursor(text: str | None) -> dict:
         point = value.get(side)
         if isinstance(point, dict):
             try:
-                cursors[side] = {a: float(point[a]) for a in ("x", "y", "z") if a in point}
+                cursors[side] = {a: float(point[a]) for a in ("x", "y", "z")
+                                 if a in point}
             except (TypeError, ValueError):
                 continue
     return cursors
@@ -542,7 +544,8 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
         files.upload(lambda: None, outputs=folder)
         for component in (files, folder):
             component.change(clear_results, outputs=results, queue=False)
-        predict_btn.click(predict, inputs=[files, folder, method, opacity, threshold, plane],
+        predict_btn.click(predict,
+                          inputs=[files, folder, method, opacity, threshold, plane],
                           outputs=results, concurrency_limit=1)
         rerun_btn.click(rerun, inputs=[landmark_z, method, opacity, threshold, plane,
                                        result_state],

@@ -68,12 +68,14 @@ def layer_output_volume(output: torch.Tensor, spatial_rank: int = 3) -> torch.Te
             tokens = output.reshape(n, *([side] * spatial_rank), channels)
             return tokens.permute(0, spatial_rank + 1, *range(1, spatial_rank + 1))
     raise ValueError(
-        f"layer output must be (N, C, x, y, z) or tokens (N, L, C), not {tuple(output.shape)}"
+        "layer output must be (N, C, x, y, z) or tokens (N, L, C), "
+        f"not {tuple(output.shape)}"
     )
 
 
 def gradcam(
-    model: nn.Module, layer: nn.Module, batch: torch.Tensor, *, positive_only: bool = True
+    model: nn.Module, layer: nn.Module, batch: torch.Tensor, *,
+    positive_only: bool = True,
 ) -> np.ndarray:
     """Grad-CAM for the fracture logit, trilinearly upsampled to the crop.
 
@@ -171,7 +173,9 @@ def normalize_jointly(maps: list[np.ndarray], quantile: float = 1.0) -> list[np.
     if not maps:
         return []
     pooled = np.concatenate([np.ravel(m) for m in maps])
-    scale = float(np.quantile(pooled, quantile)) if quantile < 1.0 else float(pooled.max())
+    scale = float(pooled.max())
+    if quantile < 1.0:
+        scale = float(np.quantile(pooled, quantile))
     if not np.isfinite(scale) or scale <= 0.0:
         scale = float(pooled.max())
     if not np.isfinite(scale) or scale <= 0.0:
@@ -192,7 +196,7 @@ def heatmap_in_world(
         shape: Shape of the target grid.
         affine: The target grid's voxel-to-world affine.
     """
-    image = nib.Nifti1Image(np.asarray(heatmap, dtype=np.float32), np.asarray(crop_affine))
+    image = nib.Nifti1Image(np.asarray(heatmap, np.float32), np.asarray(crop_affine))
     return resample_to_grid(image, shape, affine, order=1, cval=0.0)
 
 

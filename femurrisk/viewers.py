@@ -190,7 +190,8 @@ def _check_axis_aligned(affine: np.ndarray, what: str) -> np.ndarray:
     if affine.shape != (4, 4):
         raise ValueError(f"{what} must be 4 x 4, not {affine.shape}")
     linear = affine[:3, :3]
-    if np.abs(linear - np.diag(np.diag(linear))).max() > 1e-6 or (np.diag(linear) <= 0).any():
+    oblique = np.abs(linear - np.diag(np.diag(linear))).max() > 1e-6
+    if oblique or (np.diag(linear) <= 0).any():
         raise ValueError(f"{what} must be axis-aligned RAS+ with positive spacing")
     return affine
 
@@ -332,8 +333,8 @@ def plane_viewer(
                 z=np.take(heat_u8, k, axis=normal).T, x0=view.crop_affine[across, 3],
                 dx=crop_spacing[across], y0=view.crop_affine[up, 3], dy=crop_spacing[up],
                 zmin=0, zmax=255, colorscale=HEATMAP_COLORSCALE, opacity=opacity,
-                hoverinfo="skip", visible=False, name=f"heatmap {plane} {positions[index]:.1f}",
-                meta="heat", showscale=False,
+                hoverinfo="skip", visible=False, meta="heat", showscale=False,
+                name=f"heatmap {plane} {positions[index]:.1f}",
             ))
             group.append(len(fig.data) - 1)
         groups.append(group)
@@ -352,7 +353,8 @@ def plane_viewer(
                "y0": box[up][0], "y1": box[up][1], "xref": "x", "yref": "y",
                "line": {"color": _CROP_COLOR, "width": 1.5, "dash": "dash"},
                "name": "crop outline", "visible": False}]
-    extent = [(float(view.axis_mm(a).min()), float(view.axis_mm(a).max())) for a in range(3)]
+    extent = [(float(view.axis_mm(a).min()), float(view.axis_mm(a).max()))
+              for a in range(3)]
     how = "set by hand" if view.landmark_method == "manual" else "landmark network"
     annotations = _edge_labels(letters)
     if plane != "axial":  # the landmark level is a line across the image
@@ -474,17 +476,21 @@ def scene_3d(prediction: Prediction) -> Scene3D:
     affine[:3, 3] = low
 
     if prediction.image is not None:
-        ct = resample_to_grid(prediction.image, shape, affine, order=1, cval=geometry.PAD_HU)
+        ct = resample_to_grid(prediction.image, shape, affine, order=1,
+                              cval=geometry.PAD_HU)
     else:
         ct = np.full(shape, geometry.PAD_HU, np.float32)
         for result in prediction.sides.values():
-            crop = nib.Nifti1Image(np.asarray(result.crop_hu, np.float32), result.crop_affine)
+            crop = nib.Nifti1Image(np.asarray(result.crop_hu, np.float32),
+                                   result.crop_affine)
             ct = np.maximum(ct, resample_to_grid(crop, shape, affine, order=1,
                                                  cval=geometry.PAD_HU))
     heat = {}
     for side, result in prediction.sides.items():
-        image = nib.Nifti1Image(np.asarray(result.heatmap, np.float32), result.crop_affine)
-        heat[side] = np.clip(resample_to_grid(image, shape, affine, order=1, cval=0.0), 0, 1)
+        image = nib.Nifti1Image(np.asarray(result.heatmap, np.float32),
+                                result.crop_affine)
+        placed = resample_to_grid(image, shape, affine, order=1, cval=0.0)
+        heat[side] = np.clip(placed, 0, 1)
     return Scene3D(ct_u8=bone_window_uint8(ct), heat=heat, origin_mm=low,
                    femoral_head_mm=dict(prediction.landmarks.femoral_head_world_mm),
                    landmark_z_mm=float(prediction.landmarks.world_z_mm))
