@@ -54,8 +54,9 @@ def test_crop_named_left_holds_the_patients_left_femur(prediction):
     patient's left). The crop called "left" must contain it and "right" must not, and
     each crop must equal the input sampled at the crop's world positions.
     """
-    image = nib.load(REAL_SCAN)
-    data = np.asarray(image.dataobj)
+    stored = nib.load(REAL_SCAN)
+    data = np.asarray(stored.dataobj, dtype=np.float32)
+    image = nib.Nifti1Image(data, stored.affine)
     metal_world = nib.affines.apply_affine(image.affine, np.argwhere(data > 2500))
     assert np.median(metal_world[:, 0]) < 0  # the hardware is in the patient's left
 

@@ -29,18 +29,40 @@ def _metrics_table(path: Path) -> str:
     return "\n".join(lines)
 
 
-def export(classifier_run: Path, landmark_run: Path, assets: Path, extra: dict) -> None:
+DEFAULT_NOTES = """Commands (from the repository root):
+
+```
+python -m training.prepare --seed 0 --cases 600 --landmark-cases 200 --out data/minimal
+python -m training.train_landmark --config landmark_minimal --run runs/landmark
+python -m training.train_classifier --config densenet121_minimal --run runs/densenet121
+python -m training.export --classifier-run runs/densenet121 --landmark-run runs/landmark
+```
+"""
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _relative_config(meta: dict[str, str]) -> dict[str, str]:
+    """Config paths in the metadata relative to the repository, not this machine."""
+    path = meta.get("config")
+    if path and Path(path).is_absolute() and Path(path).is_relative_to(ROOT):
+        meta["config"] = str(Path(path).relative_to(ROOT))
+    return meta
+
+
+def export(classifier_run: Path, landmark_run: Path, assets: Path, extra: dict,
+           notes: str = DEFAULT_NOTES) -> None:
     name = read_metadata(next(classifier_run.glob("classifier_*.safetensors")))["architecture"]
     classifier_meta = read_metadata(classifier_run / f"classifier_{name}.safetensors")
     model = registry.build_classifier(name)
     registry.load_weights(model, classifier_run / f"classifier_{name}.safetensors")
-    classifier_meta.update(extra)
+    classifier_meta = _relative_config({**classifier_meta, **extra})
     registry.save_weights(model, assets / f"classifier_{name}.safetensors", classifier_meta, fp16=True)
 
     landmark_meta = read_metadata(landmark_run / "landmark_unet.safetensors")
     unet = registry.build_landmark_unet()
     registry.load_weights(unet, landmark_run / "landmark_unet.safetensors")
-    landmark_meta.update(extra)
+    landmark_meta = _relative_config({**landmark_meta, **extra})
     registry.save_weights(unet, assets / "landmark_unet.safetensors", landmark_meta, fp16=False)
 
     card = CARD_TEMPLATE.read_text().format(
@@ -52,6 +74,7 @@ def export(classifier_run: Path, landmark_run: Path, assets: Path, extra: dict) 
         classifier_sha=registry.sha256(assets / f"classifier_{name}.safetensors"),
         landmark_sha=registry.sha256(assets / "landmark_unet.safetensors"),
         torch_version=torch.__version__,
+        training_notes=notes.strip(),
     )
     (assets / "MODEL_CARD.md").write_text(card)
 
@@ -62,9 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--landmark-run", type=Path, required=True)
     parser.add_argument("--assets", type=Path, default=registry.ASSETS_DIR)
     parser.add_argument("--trained-on", default="femurrisk minimal synthetic cohort")
+    parser.add_argument("--notes", type=Path,
+                        help="Markdown with the exact commands and data of these runs, "
+                        "placed in the model card (default: the standard commands)")
     args = parser.parse_args(argv)
+    notes = args.notes.read_text() if args.notes else DEFAULT_NOTES
     export(args.classifier_run, args.landmark_run, args.assets,
-           {"trained_on": args.trained_on, "research_demo": "true"})
+           {"trained_on": args.trained_on, "research_demo": "true"}, notes)
 
 
 if __name__ == "__main__":

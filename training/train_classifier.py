@@ -290,6 +290,10 @@ def main(argv: list[str] | None = None) -> None:
                         persistent_workers=config["num_workers"] > 0)
 
     model = registry.build_classifier(config["architecture"]).to(device)
+    if config.get("init_weights"):
+        # Fine-tune from an earlier run's weights (a longer schedule in two sittings).
+        registry.load_weights(model, Path(config["init_weights"]))
+        logger.info("initialised from %s", config["init_weights"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"],
                                  weight_decay=config["weight_decay"])
     use_amp = device.type == "cuda" and config["amp"]
