@@ -130,24 +130,28 @@ def pointing(heatmap: np.ndarray, mask: np.ndarray) -> tuple[bool, float]:
 
 
 def deletion_curves(model, image: np.ndarray, attribution: np.ndarray,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                    rng: np.random.Generator, start_probability: float,
+                    random_repeats: int = RANDOM_REPEATS) -> tuple[np.ndarray, np.ndarray]:
     """Probability after deleting the top voxels, and after deleting random ones.
 
     Both in network orientation. Returns two arrays over :data:`DELETION_FRACTIONS`,
-    the random one averaged over :data:`RANDOM_REPEATS` orders.
+    the random one averaged over ``random_repeats`` orders.
     """
     baseline = ndimage.gaussian_filter(image.astype(np.float32), BLUR_SIGMA_VOXELS)
     jitter = rng.random(attribution.size) * 1e-9  # ties broken at random
     ranked = np.argsort(-(attribution.ravel() + jitter))
-    orders = [ranked] + [rng.permutation(attribution.size) for _ in range(RANDOM_REPEATS)]
+    orders = [ranked] + [rng.permutation(attribution.size) for _ in range(random_repeats)]
+    fractions = [f for f in DELETION_FRACTIONS if f > 0]
     variants = []
     for order in orders:
-        for fraction in DELETION_FRACTIONS:
+        for fraction in fractions:
             deleted = image.astype(np.float32).ravel().copy()
             chosen = order[: int(round(fraction * image.size))]
             deleted[chosen] = baseline.ravel()[chosen]
             variants.append(deleted.reshape(image.shape))
-    scores = _probabilities(model, variants).reshape(len(orders), len(DELETION_FRACTIONS))
+    scores = _probabilities(model, variants).reshape(len(orders), len(fractions))
+    if DELETION_FRACTIONS[0] == 0:
+        scores = np.concatenate([np.full((len(orders), 1), start_probability), scores], 1)
     return scores[0], scores[1:].mean(axis=0)
 
 
@@ -159,7 +163,8 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_architecture(name: str, weights: Path, sides: list[LesionSide],
-                       methods=("gradcam", "guided_gradcam"), seed: int = 0) -> dict:
+                       methods=("gradcam", "guided_gradcam"), seed: int = 0,
+                       random_repeats: int = RANDOM_REPEATS) -> dict:
     """Every check for one architecture's trained weights on the given sides."""
     model = registry.build_classifier(name)
     registry.load_weights(model, Path(weights))
@@ -181,7 +186,8 @@ def check_architecture(name: str, weights: Path, sides: list[LesionSide],
             hit, distance = pointing(crop_map, item.lesion_mask)
             row[f"{method}_hit"], row[f"{method}_distance_mm"] = hit, distance
             if method == "gradcam":
-                top, random = deletion_curves(model, item.network_input, net_map, rng)
+                top, random = deletion_curves(model, item.network_input, net_map, rng,
+                                              row["probability"], random_repeats)
                 row["deletion_top"], row["deletion_random"] = top.tolist(), random.tolist()
         signed = gradcam(model, layer, batch, positive_only=False)[0]
         signed_random = gradcam(random_model, random_layer, batch, positive_only=False)[0]

@@ -160,7 +160,7 @@ WEIGHTS = Path(os.environ.get("FEMURRISK_ASSETS", ROOT / "assets")) / (
     "classifier_densenet121.safetensors")
 REAL_CT = ROOT.parent / "shared" / "data" / "ct" / "pelvis_ct_3mm.nii.gz"
 #: Case ids of the sanity checks: outside every training range (0-499, 1000-1239).
-SANITY_CASES = range(5000, 5006)
+SANITY_CASES = range(5000, 5004)
 
 needs_weights = pytest.mark.skipif(
     not WEIGHTS.is_file() or not REAL_CT.is_file(),
@@ -174,9 +174,9 @@ def checked():
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     sides = gradcam_checks.lesion_sides(SANITY_CASES)
-    assert len(sides) >= 4, "too few lesion sides among the sanity cases"
+    assert len(sides) >= 3, "too few lesion sides among the sanity cases"
     return gradcam_checks.check_architecture("densenet121", WEIGHTS, sides,
-                                             methods=("gradcam",))
+                                             methods=("gradcam",), random_repeats=1)
 
 
 @needs_weights
