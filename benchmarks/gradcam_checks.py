@@ -180,6 +180,10 @@ def check_architecture(name: str, weights: Path, sides: list[LesionSide],
         row = {"case_id": item.case_id, "side": item.side, "label": item.label,
                "site": item.site}
         row["probability"] = float(_probabilities(model, [item.network_input])[0])
+        # What a peak placed at random would score: the lesion's share of the crop.
+        distance = ndimage.distance_transform_edt(~item.lesion_mask, sampling=_SPACING_MM)
+        row["chance_strict"] = float(item.lesion_mask.mean())
+        row["chance_within_tolerance"] = float((distance <= POINTING_TOLERANCE_MM).mean())
         for method in methods:
             net_map = explain(model, layer, batch, method)[0]  # network orientation
             crop_map = to_network_orientation(net_map, item.side)
@@ -212,6 +216,9 @@ def summarize(rows: list[dict], methods=("gradcam", "guided_gradcam")) -> dict:
         out[f"{method}_pointing_within_{POINTING_TOLERANCE_MM:.0f}mm"] = float(near.mean())
         out[f"{method}_median_distance_mm"] = float(
             np.median([r[f"{method}_distance_mm"] for r in rows]))
+    out["pointing_chance_strict"] = float(np.mean([r["chance_strict"] for r in rows]))
+    out[f"pointing_chance_within_{POINTING_TOLERANCE_MM:.0f}mm"] = float(
+        np.mean([r["chance_within_tolerance"] for r in rows]))
     top = np.array([r["deletion_top"] for r in rows])
     random = np.array([r["deletion_random"] for r in rows])
     out["deletion_auc_top"] = float(top.mean())
@@ -230,17 +237,19 @@ def summarize(rows: list[dict], methods=("gradcam", "guided_gradcam")) -> dict:
 def markdown_table(results: list[dict]) -> str:
     """One line per architecture with the headline figures."""
     lines = [
-        "| architecture | lesion sides (positive) | pointing Grad-CAM strict / "
+        "| architecture | lesion sides (positive) | pointing by chance strict / "
+        f"≤{POINTING_TOLERANCE_MM:.0f} mm | pointing Grad-CAM strict / "
         f"≤{POINTING_TOLERANCE_MM:.0f} mm | pointing guided strict / ≤"
         f"{POINTING_TOLERANCE_MM:.0f} mm | deletion AUC top vs random | "
         "top < random (sides) | randomization Spearman mean (max) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     tol = f"within_{POINTING_TOLERANCE_MM:.0f}mm"
     for result in results:
         s = result["summary"]
         lines.append(
             f"| {result['architecture']} | {s['sides']} ({s['positive_sides']}) | "
+            f"{s['pointing_chance_strict']:.2f} / {s[f'pointing_chance_{tol}']:.2f} | "
             f"{s['gradcam_pointing_strict']:.2f} / {s[f'gradcam_pointing_{tol}']:.2f} | "
             f"{s.get('guided_gradcam_pointing_strict', float('nan')):.2f} / "
             f"{s.get(f'guided_gradcam_pointing_{tol}', float('nan')):.2f} | "
