@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from femurrisk.errors import InputError
@@ -66,17 +67,23 @@ def run_predict(args: argparse.Namespace) -> int:
     write_outputs(prediction, args.out, save_crops=args.save_crops)
     summary = to_json_dict(prediction)["sides"]
     for side in ("left", "right"):
-        print(f"{side:5s}  p={summary[side]['probability']:.3f}  {summary[side]['decision']}")
+        probability = summary[side]["probability"]
+        shown = "p=  -  " if probability is None else f"p={probability:.3f}"
+        print(f"{side:5s}  {shown}  {summary[side]['decision']}")
     print(f"written to {args.out / 'result.json'}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Warnings about the input go into result.json; stderr carries only the one error
+    # line unless --verbose asks for progress and library warnings.
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if args.verbose else logging.ERROR,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        warnings.filterwarnings("ignore")
     try:
         return run_predict(args)
     except InputError as error:

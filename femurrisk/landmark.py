@@ -38,6 +38,14 @@ AIIS_ABOVE_HEAD_MM = (5.0, 80.0)
 #: apart or closer together are not a pair of hips (e.g. a scan without the pelvis).
 HEAD_DISTANCE_MM = (100.0, 300.0)
 
+#: Soft tissue must reach at least this far lateral of each femoral head centre, mm.
+#: The greater trochanter alone lies 50-70 mm lateral of it, with muscle and fat beyond,
+#: so a pair of "heads" without this margin is not a pair of hips (e.g. in a skull).
+MIN_LATERAL_TISSUE_MM = 50.0
+
+#: Tissue (not air) for the lateral margin check, HU.
+BODY_HU = -400.0
+
 #: An AIIS more than this far from its own side's femoral head centre is not accepted;
 #: in adults it lies about 40-70 mm cranial, anterior and lateral of it.
 AIIS_MAX_DISTANCE_FROM_HEAD_MM = 110.0
@@ -81,7 +89,9 @@ class LandmarkFinder:
                 without the pelvis in its field of view).
         """
         probs, affine = self.probabilities(image)
-        return landmarks_from_probabilities(probs, affine, image)
+        landmarks, warnings = landmarks_from_probabilities(probs, affine, image)
+        check_hips_in_body(image, landmarks)
+        return landmarks, warnings
 
 
 def _centroid_mm(weights: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -181,6 +191,35 @@ def landmarks_from_probabilities(
         method="unet",
     )
     return landmarks, warnings
+
+
+def check_hips_in_body(image: nib.Nifti1Image, landmarks: Landmarks) -> None:
+    """Refuse femoral heads without a hip's worth of tissue lateral of them.
+
+    Samples the Hounsfield image along the patient's left-right line through each head
+    centre and measures how far tissue (above :data:`BODY_HU`) continues laterally.
+
+    Raises:
+        InputError: If either side has less than :data:`MIN_LATERAL_TISSUE_MM`.
+    """
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    inverse = np.linalg.inv(image.affine)
+    step_mm = 2.0
+    for side, lateral in (("left", -1.0), ("right", 1.0)):
+        head = np.array(landmarks.femoral_head_world_mm[side], dtype=float)
+        distances = np.arange(0.0, 300.0, step_mm)
+        points = head[None, :] + np.outer(distances * lateral, (1.0, 0.0, 0.0))
+        ijk = nib.affines.apply_affine(inverse, points).T
+        values = ndimage.map_coordinates(data, ijk, order=0, cval=-1024.0)
+        outside = np.nonzero(values < BODY_HU)[0]
+        margin = distances[outside[0]] if len(outside) else distances[-1]
+        if margin < MIN_LATERAL_TISSUE_MM:
+            raise InputError(
+                "No pelvis with both hips found in the field of view: the scan must be an "
+                "abdominopelvic CT that covers both hip joints; the structure taken for "
+                f"the {side} femoral head has only {margin:.0f} mm of tissue lateral of it, "
+                f"not the {MIN_LATERAL_TISSUE_MM:.0f} mm or more of a hip."
+            )
 
 
 def nearest_slice(image: nib.Nifti1Image, z_mm: float) -> int:

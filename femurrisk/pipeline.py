@@ -12,11 +12,13 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
+import nibabel as nib
 import numpy as np
 
 from femurrisk import __version__, registry
 from femurrisk.classification import Classifier, network_input, to_batch
 from femurrisk.cropping import metal_volume_mm3, side_crop, to_network_orientation
+from femurrisk.errors import InputError
 from femurrisk.explanation import (
     DEFAULT_METHOD, METHODS, NORMALIZATION_QUANTILE, explain, normalize_jointly,
 )
@@ -24,7 +26,8 @@ from femurrisk.geometry import CROP_SLICES, METAL_MIN_VOLUME_MM3
 from femurrisk.landmark import LandmarkFinder, nearest_slice
 from femurrisk.loading import LoadedCT, load_ct
 from femurrisk.prediction import (
-    DECISION_HIGH, DECISION_IMPLANT, DECISION_LOW, SIDES, Landmarks, Prediction, SideResult,
+    DECISION_HIGH, DECISION_IMPLANT, DECISION_LOW, DECISION_SHORT, SIDES, Landmarks,
+    Prediction, SideResult,
 )
 from femurrisk.preprocessing import to_canonical
 
@@ -95,13 +98,14 @@ class Predictor:
             else:
                 loaded = load_ct(source, series_uid=series_uid)
             image = to_canonical(loaded.image)
+            _check_finite(image)
         warnings = list(loaded.warnings)
 
         with step("landmark", 0.2, "Finding the AIIS landmark"):
             landmarks, found_warnings = self.landmarks.find(image)
             warnings += found_warnings
             if landmark_z_mm is not None:
-                landmarks = _manual(landmarks, image, float(landmark_z_mm))
+                landmarks = _manual(landmarks, image, _checked_level(image, landmark_z_mm))
                 warnings.append("The landmark slice was set manually.")
 
         with step("crop", 0.5, "Cropping both femurs"):
@@ -130,21 +134,37 @@ class Predictor:
                            batch.to(self.device), method)
             # Back to each crop's own orientation (mirroring is its own inverse).
             maps = [to_network_orientation(m, side) for m, side in zip(maps, SIDES)]
-            maps = normalize_jointly(maps, NORMALIZATION_QUANTILE[method])
+
+        decisions = {}
+        for index, side in enumerate(SIDES):
+            metal = metal_volume_mm3(crops[side])
+            if metal >= METAL_MIN_VOLUME_MM3:
+                decisions[side] = DECISION_IMPLANT
+            elif crops[side].padded_slices > MAX_PADDED_SLICES:
+                decisions[side] = DECISION_SHORT
+            elif probabilities[index] >= self.classifier.threshold:
+                decisions[side] = DECISION_HIGH
+            else:
+                decisions[side] = DECISION_LOW
+        # Scored sides share one scale; a side not scored gets its own (see SideResult).
+        quantile = NORMALIZATION_QUANTILE[method]
+        scored = [i for i, side in enumerate(SIDES) if decisions[side] in SCORED_DECISIONS]
+        if scored:
+            for i, m in zip(scored, normalize_jointly([maps[i] for i in scored], quantile)):
+                maps[i] = m
+        for i, side in enumerate(SIDES):
+            if i not in scored:
+                maps[i] = normalize_jointly([maps[i]], quantile)[0]
 
         sides = {}
         for index, side in enumerate(SIDES):
             metal = metal_volume_mm3(crops[side])
             implant = metal >= METAL_MIN_VOLUME_MM3
             probability = float(probabilities[index])
-            if implant:
-                decision = DECISION_IMPLANT
-            elif probability >= self.classifier.threshold:
-                decision = DECISION_HIGH
-            else:
-                decision = DECISION_LOW
+            decision = decisions[side]
             sides[side] = SideResult(
-                side=side, probability=probability, decision=decision, scored=not implant,
+                side=side, probability=probability, decision=decision,
+                scored=decision in SCORED_DECISIONS,
                 implant_detected=bool(implant), metal_volume_mm3=metal,
                 padded_slices=crops[side].padded_slices, crop_hu=crops[side].volume_hu,
                 crop_affine=crops[side].affine, network_input=inputs[side],
@@ -161,6 +181,43 @@ class Predictor:
             timings_s=timings, device=str(self.device), image=image,
             input_affine=np.asarray(loaded.image.affine),
         )
+
+
+#: A side whose crop lies more than half beyond the end of the scan is not scored: the
+#: network would judge mostly air. Fewer padded slices are scored with a warning.
+MAX_PADDED_SLICES = CROP_SLICES // 2
+
+SCORED_DECISIONS = (DECISION_HIGH, DECISION_LOW)
+
+
+def _check_finite(image) -> None:
+    """Refuse volumes with NaN or infinite voxels: they are not Hounsfield units."""
+    data = np.asarray(image.dataobj)
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise InputError(
+            f"The volume must hold finite Hounsfield units, but {bad} voxel(s) are NaN "
+            "or infinite; export the CT again without masking or undefined values."
+        )
+
+
+def _checked_level(image, z_mm: float) -> float:
+    """A hand-set landmark level, if finite and within the scan's cranio-caudal extent.
+
+    Raises:
+        InputError: If it is not a number or lies outside the scan.
+    """
+    z_mm = float(z_mm)
+    corners = np.array([[i, j, k] for i in (0, image.shape[0] - 1)
+                        for j in (0, image.shape[1] - 1) for k in (0, image.shape[2] - 1)])
+    z_world = nib.affines.apply_affine(image.affine, corners)[:, 2]
+    low, high = float(z_world.min()), float(z_world.max())
+    if not np.isfinite(z_mm) or not low <= z_mm <= high:
+        raise InputError(
+            f"The landmark level must lie within the scan, between {low:.1f} and "
+            f"{high:.1f} mm (world z, RAS+), not {z_mm}."
+        )
+    return z_mm
 
 
 def _manual(found: Landmarks, image, z_mm: float) -> Landmarks:

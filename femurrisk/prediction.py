@@ -17,6 +17,7 @@ SIDES = ("left", "right")
 DECISION_HIGH = "high risk"
 DECISION_LOW = "low risk"
 DECISION_IMPLANT = "implant present, not scored"
+DECISION_SHORT = "scan too short below the landmark, not scored"
 
 
 @dataclass
@@ -49,8 +50,11 @@ class SideResult:
     Attributes:
         side: ``"left"`` or ``"right"``, patient terms.
         probability: Predicted probability of a pathologic fracture within 3 months.
-        decision: One of ``DECISION_HIGH``, ``DECISION_LOW``, ``DECISION_IMPLANT``.
-        scored: False when the side is outside the model's scope (implant).
+        decision: One of ``DECISION_HIGH``, ``DECISION_LOW``, ``DECISION_IMPLANT``,
+            ``DECISION_SHORT``.
+        scored: False when the side is outside the model's scope (an implant, or more
+            than half of the crop beyond the end of the scan); ``probability`` is then
+            the network's raw output, kept for inspection only.
         implant_detected: Metal found in the crop.
         metal_volume_mm3: Volume of voxels above the metal threshold in the crop.
         padded_slices: Crop slices that lay outside the scan and were filled with air.
@@ -58,8 +62,10 @@ class SideResult:
         crop_affine: 4 x 4 voxel-to-world affine of the crop.
         network_input: Bone-windowed crop (0-255) exactly as the network saw it; the
             right side is mirrored in x so that both sides look like a left femur.
-        heatmap: Grad-CAM on the crop grid, 0-1, in the crop's own (unmirrored) order,
-            normalized by the larger maximum of the two sides so they are comparable.
+        heatmap: Grad-CAM on the crop grid, 0-1, in the crop's own (unmirrored) order.
+            Scored sides share one scale so that they are comparable; a side that is
+            not scored is scaled on its own, so that (for example) an implant's strong
+            evidence cannot flatten the scored side's map.
     """
 
     side: str

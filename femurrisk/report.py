@@ -38,7 +38,10 @@ def to_json_dict(prediction: Prediction) -> dict:
     for side, result in prediction.sides.items():
         crop_origin = result.crop_affine[:3, 3]
         sides[side] = {
-            "probability": round(result.probability, 4),
+            # A side that is not scored has no probability: its raw output is kept apart
+            # so that no reader can take it for a risk.
+            "probability": round(result.probability, 4) if result.scored else None,
+            "raw_model_output": round(result.probability, 4),
             "decision": result.decision,
             "scored": result.scored,
             "implant_detected": result.implant_detected,

@@ -75,7 +75,23 @@ def test_probabilities_and_heatmaps_are_sane(prediction):
         assert 0.0 <= result.probability <= 1.0
         assert result.heatmap.shape == result.crop_hu.shape
         assert 0.0 <= result.heatmap.min() and result.heatmap.max() <= 1.0
-    assert max(prediction.sides[s].heatmap.max() for s in SIDES) == pytest.approx(1.0)
+        # The implanted left side is scaled on its own, so it cannot flatten the right.
+        assert result.heatmap.max() == pytest.approx(1.0, abs=0.05)
+
+
+def test_manual_landmark_outside_the_scan_is_refused(predictor):
+    from femurrisk.errors import InputError
+
+    for z_mm in (99999.0, float("nan"), float("-inf")):
+        with pytest.raises(InputError, match="landmark level must lie within the scan"):
+            predictor.predict(REAL_SCAN, landmark_z_mm=z_mm)
+
+
+def test_manual_landmark_is_recorded(predictor):
+    prediction = predictor.predict(REAL_SCAN, landmark_z_mm=_annotated_aiis_z_mm())
+    assert prediction.landmarks.method == "manual"
+    assert prediction.landmarks.world_z_mm == pytest.approx(_annotated_aiis_z_mm())
+    assert any("set manually" in w for w in prediction.warnings)
 
 
 def test_cli_writes_outputs_that_match_the_library(tmp_path, prediction):
@@ -89,8 +105,13 @@ def test_cli_writes_outputs_that_match_the_library(tmp_path, prediction):
     result = json.loads((out / "result.json").read_text())
     assert result["schema_version"]
     for side in SIDES:
-        assert result["sides"][side]["probability"] == pytest.approx(
+        assert result["sides"][side]["raw_model_output"] == pytest.approx(
             prediction.sides[side].probability, abs=1e-4)
+        if prediction.sides[side].scored:
+            assert result["sides"][side]["probability"] == pytest.approx(
+                prediction.sides[side].probability, abs=1e-4)
+        else:  # the implanted side has no probability to be mistaken for a risk
+            assert result["sides"][side]["probability"] is None
         heat = nib.load(out / f"gradcam_{side}.nii.gz")
         np.testing.assert_allclose(heat.affine, nib.load(REAL_SCAN).affine)
         crop = nib.load(out / f"crop_{side}_hu.nii.gz")
@@ -99,9 +120,12 @@ def test_cli_writes_outputs_that_match_the_library(tmp_path, prediction):
     assert not list(out.glob(".partial-*"))
 
 
-@pytest.mark.parametrize("name", ["upper_abdomen_ct_3mm.nii.gz"])
+@pytest.mark.parametrize("name", [
+    "ct/upper_abdomen_ct_3mm.nii.gz",
+    "dicom_series/ge_head_gantry_tilt",  # a head CT: two skull points must not pass as hips
+])
 def test_cli_refuses_scan_without_pelvis(tmp_path, name):
-    scan = SHARED_SCAN.parent / name
+    scan = SHARED_SCAN.parents[1] / name
     if not scan.exists():
         pytest.skip("../shared/data is not present")
     completed = subprocess.run(
