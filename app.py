@@ -234,9 +234,16 @@ class _LazyPredictor:
             return self._predictor
 
 
-def _source_from_uploads(files, folder):
-    """What to hand to ``load_ct``: the folder upload if given, else the files."""
+def choose_source(files, folder, example: str | None, cases: dict[str, list[str]]):
+    """What to hand to ``load_ct``: the folder upload, else the files, else the example.
+
+    Uploads and the example never mix: the example is used only when nothing is
+    uploaded, so an upload can never be scored together with (or silently replaced by)
+    the example.
+    """
     paths = [str(p) for p in (folder or [])] or [str(p) for p in (files or [])]
+    if not paths and example in cases:
+        paths = list(cases[example])
     if not paths:
         raise gr.Error("Upload a CT (NIfTI, DICOM files, a .zip or a folder) or pick "
                        "an example first.", print_exception=False)
@@ -437,9 +444,9 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
             round(float(prediction.landmarks.world_z_mm), 1),
         )
 
-    def predict(files, folder, method, opacity, threshold, plane,
+    def predict(files, folder, example_label, method, opacity, threshold, plane,
                 progress=gr.Progress()):
-        source = _source_from_uploads(files, folder)
+        source = choose_source(files, folder, example_label, cases)
         return run(source, method, opacity, threshold, plane, None, progress)
 
     def rerun(landmark_z, method, opacity, threshold, plane, state,
@@ -480,7 +487,7 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
             with gr.Column(scale=2):
                 with gr.Tab("Files"):
                     files = gr.File(
-                        value=cases[first_case], file_count="multiple",
+                        file_count="multiple",
                         label="CT: a NIfTI (.nii, .nii.gz), DICOM files or a .zip",
                         elem_id="ct-files", height=220,
                     )
@@ -489,8 +496,10 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
                                      label="CT: a folder holding one DICOM series",
                                      elem_id="ct-folder", height=220)
             with gr.Column(scale=1):
-                example = gr.Dropdown(list(cases), value=first_case, label="Examples",
-                                      elem_id="examples")
+                example = gr.Dropdown(
+                    list(cases), value=first_case, elem_id="examples",
+                    label="Example (used when nothing is uploaded)",
+                )
                 method = gr.Radio(METHOD_CHOICES, value="gradcam",
                                   label="Explanation", elem_id="method")
                 predict_btn = gr.Button("Predict", variant="primary",
@@ -537,15 +546,17 @@ def build_demo(predictor=None, *, device: str | None = None) -> gr.Blocks:
             return ("", "", None, "", None, None, "", gr.DownloadButton(visible=False),
                     None, None)
 
-        # One input at a time: choosing an example or uploading empties the other.
-        example.input(lambda label: (cases[label], None), inputs=example,
+        # One input at a time: choosing an example empties the uploads; an upload
+        # empties the other upload and unselects the example.
+        example.input(lambda label: (None, None), inputs=example,
                       outputs=[files, folder])
-        folder.upload(lambda: None, outputs=files)
-        files.upload(lambda: None, outputs=folder)
-        for component in (files, folder):
+        folder.upload(lambda: (None, None), outputs=[files, example])
+        files.upload(lambda: (None, None), outputs=[folder, example])
+        for component in (files, folder, example):
             component.change(clear_results, outputs=results, queue=False)
         predict_btn.click(predict,
-                          inputs=[files, folder, method, opacity, threshold, plane],
+                          inputs=[files, folder, example, method, opacity, threshold,
+                                  plane],
                           outputs=results, concurrency_limit=1)
         rerun_btn.click(rerun, inputs=[landmark_z, method, opacity, threshold, plane,
                                        result_state],

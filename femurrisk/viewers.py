@@ -610,13 +610,15 @@ def side_summary_markdown(result: SideResult, threshold: float) -> str:
         A short Markdown block headed by the side in patient terms.
     """
     lines = [f"### {result.side.capitalize()} femur (patient's {result.side})"]
-    if not result.scored or result.decision == DECISION_IMPLANT:
+    if result.decision == DECISION_IMPLANT:
+        # No number is shown: a probability beside an implant would read as a risk.
         lines.append(f"**{DECISION_IMPLANT}** (metal: "
                      f"{result.metal_volume_mm3:.0f} mm³); the model does not cover "
-                     "femurs with implants.")
-        lines.append(f"Raw model output {format_probability(result.probability)}, "
-                     "shown for reference only: it is not a risk estimate for this "
-                     "femur.")
+                     "femurs with implants. The crop and heatmap are shown for "
+                     "inspection; the heatmap is scaled on its own.")
+    elif not result.scored:
+        lines.append(f"**{result.decision}**: more than half of the crop lay beyond "
+                     "the end of the scan, so the model was not applied.")
     else:
         emphasis = "⚠️ " if result.decision == DECISION_HIGH else ""
         lines.append(f"Probability of pathologic fracture within 3 months: "

@@ -107,11 +107,23 @@ def test_analytics_are_off_before_gradio_is_used():
 
 def test_demo_preselects_the_bundled_example():
     demo = app.build_demo(FakePredictor())
+    example = next(b for b in demo.blocks.values() if b.elem_id == "examples")
     files = next(b for b in demo.blocks.values() if b.elem_id == "ct-files")
     assert app.BUNDLED_EXAMPLE.is_file()
-    value = files.value
-    paths = [v["path"] if isinstance(v, dict) else getattr(v, "path", v) for v in value]
-    assert any(Path(p).name == "pelvis_ct_3mm.nii.gz" for p in paths)
+    assert example.value == "Pelvis CT, 3 mm (bundled example)"
+    assert not files.value  # uploads start empty, so they never mix with the example
+
+
+def test_an_upload_is_used_alone_never_with_the_example():
+    cases = app.example_cases()
+    label = next(iter(cases))
+    assert app.choose_source(None, None, label, cases) == str(app.BUNDLED_EXAMPLE)
+    upload = ["/tmp/upload/scan.nii.gz"]
+    assert app.choose_source(upload, None, label, cases) == upload[0]
+    folder = ["/tmp/dir/a", "/tmp/dir/b"]
+    assert app.choose_source(upload, folder, label, cases) == folder
+    with pytest.raises(app.gr.Error):
+        app.choose_source(None, None, None, cases)
 
 
 def test_example_cases_lists_shared_scans_only_when_present(tmp_path):
@@ -134,9 +146,9 @@ def _fn(demo, name):
 def _predict_fn(demo):
     fn = _fn(demo, "predict")
 
-    def call(files, folder, opacity=0.4, *, method="gradcam", threshold=0.0,
-             plane="axial", progress=None):
-        return fn(files, folder, method, opacity, threshold, plane,
+    def call(files, folder, opacity=0.4, *, example=None, method="gradcam",
+             threshold=0.0, plane="axial", progress=None):
+        return fn(files, folder, example, method, opacity, threshold, plane,
                   progress=progress or (lambda *a, **k: None))
 
     return call
@@ -151,7 +163,7 @@ def test_predict_handler_fills_both_sides_and_writes_the_report():
      state, landmark_z) = outputs
     assert predictor.sources == ["scan.nii.gz"]
     assert DECISION_IMPLANT in right_md
-    assert "81.0 %, shown for reference only" in right_md
+    assert "%" not in right_md  # no number beside an implant: it reads as a risk
     assert "12.0 %" in left_md and DECISION_LOW in left_md
     assert "right AIIS was not found" in landmark_md
     assert "a synthetic warning" in warn_md

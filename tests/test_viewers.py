@@ -279,7 +279,7 @@ def test_summaries_in_patient_terms():
     assert "4 of the crop's slices" in text
     implant = viewers.side_summary_markdown(_side("left", DECISION_IMPLANT), 0.5)
     assert DECISION_IMPLANT in implant and "Probability" not in implant
-    assert "for reference only" in implant
+    assert "%" not in implant  # no number beside an implant: it would read as a risk
     landmarks = Landmarks(world_z_mm=12.34, slice_index=7,
                           aiis_world_mm={"left": None, "right": (1.0, 2.0, 3.0)},
                           femoral_head_world_mm={})
