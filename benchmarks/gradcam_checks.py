@@ -123,7 +123,10 @@ def _probabilities(model, inputs: list[np.ndarray], chunk: int = 8) -> np.ndarra
 
 
 def pointing(heatmap: np.ndarray, mask: np.ndarray) -> tuple[bool, float]:
-    """Whether the peak lies in the lesion, and its distance to the lesion, mm."""
+    """Whether the peak lies in the lesion, and its distance to the lesion, mm.
+
+    An empty map (no positive evidence anywhere) peaks at voxel (0, 0, 0): a miss.
+    """
     peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     distance = ndimage.distance_transform_edt(~mask, sampling=_SPACING_MM)
     return bool(mask[peak]), float(distance[peak])
@@ -189,6 +192,7 @@ def check_architecture(name: str, weights: Path, sides: list[LesionSide],
             crop_map = to_network_orientation(net_map, item.side)
             hit, distance = pointing(crop_map, item.lesion_mask)
             row[f"{method}_hit"], row[f"{method}_distance_mm"] = hit, distance
+            row[f"{method}_empty"] = bool(net_map.max() <= 0)  # no positive evidence
             if method == "gradcam":
                 top, random = deletion_curves(model, item.network_input, net_map, rng,
                                               row["probability"], random_repeats)
@@ -214,6 +218,7 @@ def summarize(rows: list[dict], methods=("gradcam", "guided_gradcam")) -> dict:
         near = np.array([r[f"{method}_distance_mm"] <= POINTING_TOLERANCE_MM for r in rows])
         out[f"{method}_pointing_strict"] = float(hits.mean())
         out[f"{method}_pointing_within_{POINTING_TOLERANCE_MM:.0f}mm"] = float(near.mean())
+        out[f"{method}_empty_maps"] = float(np.mean([r[f"{method}_empty"] for r in rows]))
         out[f"{method}_median_distance_mm"] = float(
             np.median([r[f"{method}_distance_mm"] for r in rows]))
     out["pointing_chance_strict"] = float(np.mean([r["chance_strict"] for r in rows]))
