@@ -14,8 +14,9 @@ Grad-CAM layers (:data:`femurrisk.registry.GRADCAM_LAYERS`) for a 64 x 64 x 32 c
   femur the evidence lay in.
 * Swin Transformer: ``encoder.layers2.0``, the second stage. MONAI's stage turns its
   tokens (N, x, y, z, C) back into a channel-first volume (N, 96, 8, 8, 4) after the
-  patch merge, which is the layout Grad-CAM needs; :func:`layer_output_volume`
-  checks that and reshapes token outputs of other layouts.
+  patch merge, which is the layout Grad-CAM needs (:func:`gradcam` refuses any
+  other). :func:`layer_output_volume` turns token layouts into such a volume, for a
+  wrapper around a layer that returns tokens; no registered layer needs it.
 
 One Grad-CAM cell covers 16 x 16 mm in-plane and 24 mm along z, so the map says which
 region of the crop mattered, not which voxels: it is not a lesion segmentation. Guided
