@@ -54,8 +54,9 @@ NORMALIZATION_QUANTILE = {"gradcam": 1.0, "guided_gradcam": 0.999}
 def layer_output_volume(output: torch.Tensor, spatial_rank: int = 3) -> torch.Tensor:
     """A layer's output as a channel-first volume (N, C, x, y, z).
 
-    Accepts channel-first volumes unchanged, and transformer tokens either as a
-    channel-last volume (N, x, y, z, C) or as a cubic token sequence (N, L, C).
+    Returns a volume of rank ``spatial_rank + 2`` unchanged (it cannot tell channel-
+    first from channel-last; the caller must know), and reshapes a cubic transformer
+    token sequence (N, L, C), L = s**3, to (N, C, s, s, s).
 
     Raises:
         ValueError: If the layout cannot be recognised.
