@@ -409,8 +409,11 @@ def plane_viewer(
     axis_name = _AXIS_NAMES[normal]
     slider = {
         "active": active, "steps": steps, "pad": {"t": 28, "b": 4}, "len": 1.0,
-        "currentvalue": {"prefix": f"{plane} slice, {axis_name} = ",
-                         "suffix": " mm (world RAS+)", "font": {"size": 13}},
+        # The tick labels are hidden (transparent); the current value needs its own
+        # colour, or it inherits theirs and is drawn invisibly.
+        "currentvalue": {"visible": True, "prefix": f"{plane} slice, {axis_name} = ",
+                         "suffix": " mm (world RAS+)",
+                         "font": {"size": 13, "color": "#e8e8e8"}},
         "font": {"size": 6, "color": "rgba(0,0,0,0)"}, "ticklen": 2, "minorticklen": 0,
         "name": f"{plane} slice",
     }
