@@ -32,7 +32,7 @@ def _metrics_table(path: Path) -> str:
 DEFAULT_NOTES = """Commands (from the repository root):
 
 ```
-python -m training.prepare --seed 0 --cases 600 --landmark-cases 200 --out data/minimal
+python -m training.prepare --seed 0 --single-anatomy 600 --landmark-studies 200 --out data/minimal
 python -m training.train_landmark --config landmark_minimal --run runs/landmark
 python -m training.train_classifier --config densenet121_minimal --run runs/densenet121
 python -m training.export --classifier-run runs/densenet121 --landmark-run runs/landmark

@@ -75,6 +75,29 @@ def load_crops(data_dir: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v)[keep] for k, v in arrays.items() if v is not None}
 
 
+def dataset_splits(data: dict, labels: np.ndarray, config: dict) -> np.ndarray:
+    """Per-row split: crops.npz's own ``split`` when it has one for every row (the
+    design cohort, split by :func:`training.splits.study_splits`), otherwise by
+    patient and site with ``train_site`` and ``val_fraction``.
+
+    Raises:
+        ValueError: If a patient's rows fall into two splits.
+    """
+    given = np.asarray(data.get("split", np.array([""] * len(labels)))).astype(str)
+    if len(given) and all(given != ""):
+        logger.info("splits from crops.npz (train_site and val_fraction unused)")
+        split = given
+    else:
+        split = assign_splits(data["patient_id"], data["site"], labels,
+                              config["train_site"], config["val_fraction"], config["seed"])
+    patients = np.asarray(data["patient_id"]).astype(str)
+    crossing = [p for p in np.unique(patients) if len(set(split[patients == p])) > 1]
+    if crossing:
+        raise ValueError(f"{len(crossing)} patients have rows in two splits; "
+                         "every patient must belong to one split")
+    return split
+
+
 class Presentations(Dataset):
     """Training presentations of one epoch: (row, copy) pairs, augmented reproducibly.
 
@@ -190,21 +213,46 @@ def load_checkpoint(path: Path, model: torch.nn.Module,
 # --- Training -------------------------------------------------------------------------
 
 
+def learning_rate_at(step: int, total_steps: int, config: dict) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total_steps``.
+
+    ``lr_schedule: constant`` keeps ``learning_rate``; ``cosine`` rises linearly over
+    ``warmup_steps`` and then decays to zero along a half cosine, which lets a short
+    run take large steps early and still end at a settled model. The rate depends
+    on the step number alone, so a resumed run continues the same curve.
+    """
+    base = float(config["learning_rate"])
+    if config.get("lr_schedule", "constant") == "constant":
+        return base
+    warmup = int(config.get("warmup_steps", 0))
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return base * 0.5 * (1.0 + np.cos(np.pi * min(progress, 1.0)))
+
+
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader,
                     optimizer: torch.optim.Optimizer, device: torch.device,
                     scaler: torch.amp.GradScaler | None = None, on_step=None,
-                    desc: str = "train", show: bool = True) -> list[float]:
+                    desc: str = "train", show: bool = True,
+                    lr_at=None, first_step: int = 0) -> list[float]:
     """One pass over ``loader``; returns the loss of every step (this process's).
 
     Args:
         on_step: Called as ``on_step(step, loss)`` after every optimizer step (the
             distributed test checks parameters there).
+        lr_at: ``lr_at(global_step)`` sets the learning rate before each step
+            (None: leave the optimizer's rate).
+        first_step: Global step number of this epoch's first step.
     """
     model.train()
     loss_fn = torch.nn.BCEWithLogitsLoss()
     losses = []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not show):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(first_step + len(losses))
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
             loss = loss_fn(model(x).float(), y)
@@ -271,8 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     # Data and splits by patient.
     data = load_crops(Path(config["data"]))
     labels = data["label"].astype(np.int64)
-    split = assign_splits(data["patient_id"], data["site"], labels, config["train_site"],
-                          config["val_fraction"], config["seed"])
+    split = dataset_splits(data, labels, config)
     rows = {name: np.nonzero(split == name)[0] for name in ("train", "validation", "test")}
     rows["test"] = subsample_patients(rows["test"], data["patient_id"],
                                       config["max_test_patients"], config["seed"])
@@ -320,8 +367,11 @@ def main(argv: list[str] | None = None) -> None:
         sampler.set_epoch(epoch)
         dataset.epoch = epoch
         start = time.perf_counter()
+        total_steps = config["epochs"] * len(loader)
         losses = train_one_epoch(model, loader, optimizer, device, scaler,
-                                 desc=f"epoch {epoch}", show=info.is_main)
+                                 desc=f"epoch {epoch}", show=info.is_main,
+                                 lr_at=lambda step: learning_rate_at(step, total_steps, config),
+                                 first_step=(epoch - 1) * len(loader))
         seconds = time.perf_counter() - start
         loss = distributed.mean_over_ranks(float(np.mean(losses)), info)
         state["seconds"] += seconds
