@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from training import train_classifier
-from training.augment import affine_transform, augmented, to_tensor
+from training.augment import affine_transform, augmented, to_tensor, training_transform
 from training.config import load_config
 from training.data import assign_splits
 
@@ -245,3 +245,33 @@ def test_export_writes_weights_and_card_from_a_run(tiny_data, tiny_net, tmp_path
     assert float(meta["logit_offset"]) == pytest.approx(summary["logit_offset"], rel=1e-5)
     card = (tmp_path / "assets" / "MODEL_CARD.md").read_text()
     assert "val_auroc" in card and "train_cases_per_s" in card
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    config = {"learning_rate": 1e-3, "lr_schedule": "cosine", "warmup_steps": 10}
+    rates = [train_classifier.learning_rate_at(s, 100, config) for s in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))  # never rises after warm-up
+    assert rates[-1] < 1e-5
+    constant = {"learning_rate": 1e-3, "lr_schedule": "constant"}
+    assert {train_classifier.learning_rate_at(s, 100, constant) for s in (0, 50, 99)} == {1e-3}
+
+
+def test_acquisition_augmentation_is_reproducible_and_bounded():
+    config = load_config("classifier_base")
+    config.update(augment_acquisition=True, augment_noise_hu=25.0, augment_offset_hu=30.0)
+    transform = training_transform(config)
+    volume = np.full(SHAPE, 120, dtype=np.uint8)
+    volume[20:40, 20:40, 8:24] = 200
+    first, again = augmented(volume, transform, 3), augmented(volume, transform, 3)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, augmented(volume, transform, 4))
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
+    # Noise and offset stay within what hospitals differ by: the mean of a flat
+    # region moves by no more than the offset (30 HU = 0.015 input units) plus a margin.
+    flat = augmented(np.full(SHAPE, 120, dtype=np.uint8), transform, 5)
+    assert abs(float(flat.mean()) - 120 / 255) < 30.0 / 2000.0 + 0.005
+    # Without the key, training sees the affine alone, as in the study.
+    config["augment_acquisition"] = False
+    plain = training_transform(config)
+    assert torch.equal(augmented(volume, plain, 3), augmented(volume, affine_transform(config), 3))

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.transforms import RandAffine
+from monai.transforms import (
+    Compose, Identity, OneOf, RandAffine, RandGaussianNoise, RandGaussianSharpen,
+    RandGaussianSmooth, RandShiftIntensity,
+)
+
+from femurrisk import geometry as g
 
 from training.metrics import auroc
 
@@ -43,13 +48,43 @@ def affine_transform(config: dict) -> RandAffine:
     )
 
 
+def training_transform(config: dict):
+    """What a training presentation gets: the affine, then, with
+    ``augment_acquisition``, a random change of acquisition.
+
+    The acquisition part imitates what differs between hospitals' scanners (the
+    synthetic sites differ exactly so): reconstruction kernel (Gaussian blur or
+    sharpening, each with probability 1/3), image noise (Gaussian, standard deviation
+    up to ``augment_noise_hu``) and calibration (an offset up to
+    ``augment_offset_hu``). HU amounts become 0-1 input units through the bone
+    window's width (:data:`femurrisk.geometry.WINDOW_WIDTH_HU`). The source study
+    used affine transforms only; this is ours, against overfitting one hospital.
+    """
+    affine = affine_transform(config)
+    if not config.get("augment_acquisition"):
+        return affine
+    per_hu = 1.0 / g.WINDOW_WIDTH_HU  # input units (0-1) per HU
+    return Compose([
+        affine,
+        OneOf([RandGaussianSmooth(sigma_x=(0.3, 0.8), sigma_y=(0.3, 0.8),
+                                  sigma_z=(0.2, 0.5), prob=1.0),
+               RandGaussianSharpen(sigma1_x=(0.4, 0.7), sigma1_y=(0.4, 0.7),
+                                   sigma1_z=(0.3, 0.5), sigma2_x=0.3, sigma2_y=0.3,
+                                   sigma2_z=0.2, alpha=(2.0, 6.0), prob=1.0),
+               Identity()]),
+        RandGaussianNoise(prob=1.0, mean=0.0,
+                          std=float(config["augment_noise_hu"]) * per_hu),
+        RandShiftIntensity(offsets=float(config["augment_offset_hu"]) * per_hu, prob=1.0),
+    ])
+
+
 def to_tensor(volume_u8: np.ndarray) -> torch.Tensor:
     """A uint8 crop (x, y, z) as the network's float input (1, x, y, z) in 0-1."""
     return torch.from_numpy(volume_u8[None].astype(np.float32) / 255.0)
 
 
-def augmented(volume_u8: np.ndarray, transform: RandAffine, seed: int) -> torch.Tensor:
-    """One affine-augmented copy (1, x, y, z), reproducible from ``seed``."""
+def augmented(volume_u8: np.ndarray, transform, seed: int) -> torch.Tensor:
+    """One augmented copy (1, x, y, z), reproducible from ``seed``."""
     transform.set_random_state(seed)
     out = transform(to_tensor(volume_u8))
     return torch.as_tensor(out).float().clamp_(0.0, 1.0)
@@ -64,7 +99,7 @@ def augmentation_shift(model: torch.nn.Module, negatives_u8: np.ndarray, config:
     the AUROC of the score for telling the augmented copies from the originals,
     which is 0.5 when the model cannot see augmentation.
     """
-    transform = affine_transform(config)
+    transform = training_transform(config)
     model.eval()
     originals, copies = [], []
     for start in range(0, len(negatives_u8), batch_size):

@@ -22,6 +22,7 @@ import csv
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from femurrisk.registry import CLASSIFIERS
+from training import prepare
+from training.config import load_config
 from training.metrics import (
     POINT_METRICS, choose_threshold, evaluate, logit, pr_curve, roc_curve, sigmoid,
 )
@@ -51,6 +54,20 @@ MIRELS_PAIN = 2
 MIRELS_SITE = {"head": 2, "neck": 3, "intertrochanteric": 3}  # peritrochanteric = 3
 MIRELS_KIND = {"blastic": 1, "mixed": 2, "lytic": 3}
 MIRELS_THRESHOLD = 9
+
+
+def prepare_data(config: dict, workers: int = 2) -> Path:
+    """The config's data folder, made by ``training.prepare`` with the config's
+    ``prepare`` arguments when it holds no ``crops.npz`` yet."""
+    data = Path(config["data"])
+    if not (data / "crops.npz").is_file():
+        if not config.get("prepare"):
+            raise SystemExit(f"{data}/crops.npz is missing and the config has no "
+                             "'prepare' arguments to make it")
+        logger.info("preparing %s: %s", data, config["prepare"])
+        prepare.main([*shlex.split(config["prepare"]), "--workers", str(workers),
+                      "--out", str(data)])
+    return data
 
 
 def read_predictions(run: Path) -> list[dict]:
@@ -248,8 +265,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.command == "run":
         for name in args.models:
+            prepare_data(load_config(f"{name}_{args.preset}", base="classifier_base"))
+        for name in args.models:
+            run = args.runs / name
+            if (run / "summary.json").is_file():
+                logger.info("%s: finished run kept (delete the folder to retrain)", run)
+                continue
             command = [sys.executable, "-m", "training.train_classifier", "--config",
-                       f"{name}_{args.preset}", "--run", str(args.runs / name)]
+                       f"{name}_{args.preset}", "--run", str(run)]
+            if (run / "checkpoint_last.safetensors").is_file():
+                command.append("--resume")  # an interrupted run continues
             logger.info("%s", " ".join(command))
             subprocess.run(command, check=True, env=os.environ.copy())
     runs = [args.runs / n for n in args.models if (args.runs / n / "summary.json").is_file()]
@@ -259,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
                         args.bootstrap, args.seed)
     with open(args.out.with_suffix(".md"), "a") as handle:
         handle.write(
-            "\nReproduce (data: the command in the preset's config, key `data`):\n\n"
+            "\nReproduce (the data are made first from the preset's `prepare` key when "
+            "missing):\n\n"
             f"    python -m training.benchmark run --preset {args.preset} --runs {args.runs}"
             f" --out {args.out}\n\nBootstrap resamples: {table['bootstrap_resamples']}.\n")
 

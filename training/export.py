@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -50,8 +52,45 @@ def _relative_config(meta: dict[str, str]) -> dict[str, str]:
     return meta
 
 
+def check_runs(classifier_run: Path, landmark_run: Path) -> None:
+    """Both runs finished, with finite calibration (a NaN threshold or offset would
+    make every probability the app shows NaN).
+
+    Raises:
+        ValueError: Naming the missing file or the non-finite value.
+    """
+    found = sorted(classifier_run.glob("classifier_*.safetensors"))
+    if len(found) != 1:
+        raise ValueError(f"{classifier_run} must hold one finished classifier run "
+                         f"(classifier_<architecture>.safetensors), found {len(found)}")
+    if not (landmark_run / "landmark_unet.safetensors").is_file():
+        raise ValueError(f"{landmark_run} holds no finished landmark run "
+                         "(landmark_unet.safetensors)")
+    meta = read_metadata(found[0])
+    for key in ("threshold", "logit_offset", "val_auroc"):
+        try:
+            value = float(meta.get(key, "nan"))
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value):
+            raise ValueError(f"the classifier run's {key} is {meta.get(key)!r}, not a "
+                             "finite number; it cannot be exported")
+
+
 def export(classifier_run: Path, landmark_run: Path, assets: Path, extra: dict,
            notes: str = DEFAULT_NOTES) -> None:
+    """Write both models and the model card into ``assets``: all three are written
+    to a staging folder first and moved in only when all succeeded."""
+    check_runs(classifier_run, landmark_run)
+    assets.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=assets, prefix=".export-") as staging:
+        written = _export(classifier_run, landmark_run, Path(staging), extra, notes)
+        for name in written:
+            (Path(staging) / name).replace(assets / name)
+
+
+def _export(classifier_run: Path, landmark_run: Path, assets: Path, extra: dict,
+            notes: str) -> list[str]:
     name = read_metadata(next(classifier_run.glob("classifier_*.safetensors")))["architecture"]
     classifier_meta = read_metadata(classifier_run / f"classifier_{name}.safetensors")
     model = registry.build_classifier(name)
@@ -77,6 +116,7 @@ def export(classifier_run: Path, landmark_run: Path, assets: Path, extra: dict,
         training_notes=notes.strip(),
     )
     (assets / "MODEL_CARD.md").write_text(card)
+    return [f"classifier_{name}.safetensors", "landmark_unet.safetensors", "MODEL_CARD.md"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +129,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="Markdown with the exact commands and data of these runs, "
                         "placed in the model card (default: the standard commands)")
     args = parser.parse_args(argv)
-    notes = args.notes.read_text() if args.notes else DEFAULT_NOTES
+    try:
+        notes = args.notes.read_text() if args.notes else DEFAULT_NOTES
+        check_runs(args.classifier_run, args.landmark_run)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     export(args.classifier_run, args.landmark_run, args.assets,
            {"trained_on": args.trained_on, "research_demo": "true"}, notes)
 

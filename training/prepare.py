@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from training.cohort import generate_case, generate_study
+from training.cohort import SITES, generate_case, generate_study
 from training.cohort_design import TRAINING_SITE, CohortSpec, build_design
 from training.data import classifier_samples, landmark_level_mm, landmark_sample
 from training.splits import study_splits
@@ -201,10 +201,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    sites = [s for s in args.sites.split(",") if s]
+    known_sites = [site.name for site in SITES]
+    if args.scale <= 0:
+        parser.error(f"--scale must be > 0, got {args.scale}")
+    if args.single_anatomy is not None and args.single_anatomy < 1:
+        parser.error(f"--single-anatomy must be >= 1, got {args.single_anatomy}")
+    if args.case_control is not None and args.case_control <= 0:
+        parser.error(f"--case-control must be > 0, got {args.case_control}")
+    if args.enrich is not None and not 0 < args.enrich < 1:
+        parser.error(f"--enrich must be in (0, 1), got {args.enrich}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.landmark_only and args.landmark_studies < 1:
+        parser.error("--landmark-only needs --landmark-studies N (N >= 1)")
+    if set(sites) - set(known_sites):
+        parser.error(f"--sites must name hospitals among {known_sites}, "
+                     f"got {sorted(set(sites) - set(known_sites))}")
 
     (args.out / "landmark").mkdir(parents=True, exist_ok=True)
     if args.single_anatomy is not None:
-        sites = [s for s in args.sites.split(",") if s]
         ids = range(args.first_case, args.first_case + args.single_anatomy)
         landmark_n = args.landmark_studies if args.landmark_studies else 0
         jobs = [(args.seed, i, str(args.out), n < landmark_n,
@@ -226,7 +242,17 @@ def main(argv: list[str] | None = None) -> None:
             rows.extend(result)
     if args.landmark_only:
         return
+    if not rows:
+        raise SystemExit("no case sides were made; raise --scale or --single-anatomy")
     write_crops(rows, args.out)
+    if args.single_anatomy is None:
+        for name in ("train", "validation", "test"):
+            labels = {r["label"] for r in rows if r["split"] == name}
+            if labels != {0, 1}:
+                logger.warning("the %s split lacks %s; training needs both classes in "
+                               "train and validation (raise --scale)", name,
+                               "sides" if not labels else
+                               "positives" if labels == {0} else "negatives")
     for name in ("train", "validation", "test", ""):
         part = [r for r in rows if r["split"] == name]
         if part:

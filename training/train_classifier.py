@@ -31,16 +31,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from femurrisk import geometry as g
 from femurrisk import registry
 from training import distributed
 from training.augment import (
     EVAL_EPOCH, affine_transform, augmentation_shift, augmented, presentation_seed, to_tensor,
+    training_transform,
 )
-from training.config import load_config, save_config
+from training.config import load_config, save_config, validate
 from training.data import assign_splits
 from training.metrics import auroc, auprc, choose_threshold, logit, prior_shift, sigmoid
 
@@ -60,9 +63,14 @@ def load_crops(data_dir: Path) -> dict[str, np.ndarray]:
     Caches written before sites and patients were recorded take the site from
     ``manifest.csv`` when it has one and treat each case as its own patient.
     """
-    with np.load(data_dir / "crops.npz") as data:
+    path = Path(data_dir) / "crops.npz"
+    if not path.is_file():
+        raise ValueError(f"no crops.npz in {data_dir}: make it with training.prepare "
+                         "or lay out your own (training/prepare.py, CROP_FIELDS)")
+    with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
     arrays.setdefault("label", arrays.get("labels"))
+    check_crops(arrays)
     arrays.setdefault("patient_id", arrays["case_id"])
     if "site" not in arrays:
         sites = {}
@@ -98,6 +106,86 @@ def dataset_splits(data: dict, labels: np.ndarray, config: dict) -> np.ndarray:
     return split
 
 
+def check_splits(rows: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """Training and validation must each hold both classes (the threshold and the
+    epoch choice need validation positives and negatives).
+
+    Raises:
+        ValueError: Naming the split and what it lacks.
+    """
+    for name in ("train", "validation"):
+        y = labels[rows[name]]
+        if len(y) == 0 or y.min() == y.max():
+            raise ValueError(
+                f"the {name} split needs positive and negative sides, got {len(y)} sides "
+                f"with {int(y.sum())} positive; use a larger cohort (training.prepare "
+                "--scale, --case-control) or check the labels and splits")
+
+
+#: Config keys that may change when a run is resumed.
+RESUMABLE_CHANGES = {"epochs", "eval_batch_size", "num_workers", "config_file"}
+
+
+def check_run_folder(run_dir: Path, config: dict, resume: bool) -> None:
+    """A new run needs a folder without a run; a resumed one its checkpoint and the
+    same config (only ``epochs`` and evaluation settings may change).
+
+    Raises:
+        ValueError: Saying what is in the way.
+    """
+    checkpoint = run_dir / "checkpoint_last.safetensors"
+    if not resume:
+        if checkpoint.is_file():
+            raise ValueError(f"{run_dir} already holds a run; continue it with --resume "
+                             "or choose another --run folder")
+        return
+    if not checkpoint.is_file():
+        raise ValueError(f"nothing to resume: {run_dir} has no checkpoint_last.safetensors")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    changed = sorted(k for k in (set(saved) | set(config)) - RESUMABLE_CHANGES
+                     if saved.get(k) != config.get(k))
+    if changed:
+        raise ValueError(f"--resume needs the run's own config; these keys differ from "
+                         f"{run_dir / 'config.yaml'}: {changed}")
+
+
+def check_crops(arrays: dict) -> None:
+    """Refuse a crops.npz that training would misread, naming what is wrong.
+
+    Raises:
+        ValueError: A missing array, inputs that are not (N, 64, 64, 32) uint8,
+            arrays of other lengths, labels other than 0/1, sides other than
+            left/right, or split values other than train/validation/test (on every
+            row or on none).
+    """
+    for name in ("inputs", "label", "case_id", "side", "implant"):
+        if arrays.get(name) is None:
+            raise ValueError(f"crops.npz has no '{name}' array; expected the arrays "
+                             "of training/prepare.py (CROP_FIELDS and inputs)")
+    inputs = arrays["inputs"]
+    if inputs.ndim != 4 or tuple(inputs.shape[1:]) != g.CROP_SHAPE or inputs.dtype != np.uint8:
+        raise ValueError(f"crops.npz inputs must be (N, {', '.join(map(str, g.CROP_SHAPE))}) "
+                         f"uint8 bone-window crops, got {inputs.shape} {inputs.dtype}")
+    n = len(inputs)
+    for name, value in arrays.items():
+        if np.ndim(value) >= 1 and len(value) != n:
+            raise ValueError(f"crops.npz '{name}' has {len(value)} rows, inputs have {n}")
+    if not np.isin(arrays["label"], (0, 1)).all():
+        raise ValueError("crops.npz labels must be 0 (no fracture) or 1 (fracture), got "
+                         f"{sorted(set(np.unique(arrays['label']).tolist()) - {0, 1})}")
+    if not np.isin(arrays["side"].astype(str), ("left", "right")).all():
+        raise ValueError("crops.npz sides must be 'left' or 'right'")
+    if "split" in arrays:
+        split = arrays["split"].astype(str)
+        bad = sorted(set(split) - {"train", "validation", "test", ""})
+        if bad:
+            raise ValueError(f"crops.npz split values must be train, validation or test, "
+                             f"got {bad}")
+        if (split == "").any() and (split != "").any():
+            raise ValueError("crops.npz split must be given on every row or on none, "
+                             f"got {int((split == '').sum())} rows without one")
+
+
 class Presentations(Dataset):
     """Training presentations of one epoch: (row, copy) pairs, augmented reproducibly.
 
@@ -112,7 +200,7 @@ class Presentations(Dataset):
         self.inputs, self.labels, self.config = inputs, labels, config
         copies = np.where(labels[rows] == 1, 1 + config["positive_copies"], 1)
         self.items = [(int(r), c) for r, n in zip(rows, copies) for c in range(n)]
-        self.transform = affine_transform(config)
+        self.transform = training_transform(config)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -309,7 +397,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = load_config(args.config, args.set, base="classifier_base")
+    # Everything a user can get wrong is checked before anything is written.
+    try:
+        config = load_config(args.config, args.set, base="classifier_base")
+        validate(config, "classifier_base")
+        data = load_crops(Path(config["data"]))
+        labels = data["label"].astype(np.int64)
+        split = dataset_splits(data, labels, config)
+        rows = {name: np.nonzero(split == name)[0]
+                for name in ("train", "validation", "test")}
+        check_splits(rows, labels)
+        check_run_folder(args.run, config, args.resume)
+    except ValueError as error:
+        parser.error(str(error))
     info = distributed.init(registry.choose_device(args.device))
     device = info.device
     if info.is_main:
@@ -317,10 +417,6 @@ def main(argv: list[str] | None = None) -> None:
     set_determinism(config, device)
 
     # Data and splits by patient.
-    data = load_crops(Path(config["data"]))
-    labels = data["label"].astype(np.int64)
-    split = dataset_splits(data, labels, config)
-    rows = {name: np.nonzero(split == name)[0] for name in ("train", "validation", "test")}
     rows["test"] = subsample_patients(rows["test"], data["patient_id"],
                                       config["max_test_patients"], config["seed"])
     for name, index in rows.items():
@@ -374,6 +470,9 @@ def main(argv: list[str] | None = None) -> None:
                                  first_step=(epoch - 1) * len(loader))
         seconds = time.perf_counter() - start
         loss = distributed.mean_over_ranks(float(np.mean(losses)), info)
+        if not np.isfinite(loss):
+            raise SystemExit(f"training diverged at epoch {epoch} (loss {loss}); "
+                             "lower learning_rate or check the crops")
         state["seconds"] += seconds
         state["cases"] += len(dataset)
         if info.is_main:
@@ -392,7 +491,8 @@ def main(argv: list[str] | None = None) -> None:
                 writer.flush()
             logger.info("epoch %d: loss %.3f, validation AUROC %.3f, %.2f cases/s",
                         epoch, loss, auc, cps)
-            if not np.isfinite(auc) or auc > state["best"]:
+            keep = config["select_metric"] == "last" or auc > state["best"]
+            if keep or not np.isfinite(auc):
                 state["best"], state["best_epoch"] = float(np.nan_to_num(auc, nan=0.0)), epoch
                 registry.save_weights(distributed.unwrap(model),
                                       args.run / "best_model.safetensors", {}, fp16=False)
@@ -489,4 +589,7 @@ def finish(model: torch.nn.Module, data: dict, labels: np.ndarray, rows: dict,
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; continue the run with --resume") from None

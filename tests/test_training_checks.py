@@ -1,0 +1,137 @@
+"""User mistakes in training are refused before anything is written, with a message
+that names what is wrong (found by trying the package as a new user)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_training import make_crops, run
+from training import export, train_classifier
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory) -> Path:
+    return make_crops(tmp_path_factory.mktemp("crops"))
+
+
+@pytest.fixture
+def tiny_net(monkeypatch):
+    from tests.test_training import TinyNet
+
+    monkeypatch.setattr(train_classifier.registry, "build_classifier",
+                        lambda name: TinyNet())
+
+
+def refused(capsys, data: Path, run_dir: Path, *extra: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(data, run_dir, *extra)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def rewrite(source: Path, folder: Path, **changes) -> Path:
+    with np.load(source / "crops.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays.update(changes)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "crops.npz", **arrays)
+    return folder
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("epochz=3", "unknown config keys ['epochz']"),
+    ("lr_schedule=bogus", "lr_schedule must be one of"),
+    ("threshold_set=bogus", "threshold_set must be one of"),
+    ("threshold_rule=sensitivity:2", "threshold_rule must be"),
+    ("epochs=0", "epochs must be a whole number >= 1"),
+    ("batch_size=0", "batch_size must be a whole number >= 1"),
+])
+def test_bad_config_values_are_refused_before_writing(crops, tmp_path, capsys, setting,
+                                                      message):
+    err = refused(capsys, crops, tmp_path / "run", setting)
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_name_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_classifier.main(["--config", "nonexistent", "--run", str(tmp_path / "r")])
+    assert "no config 'nonexistent'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"label": None}, "labels must be 0"),
+    ({"split": "Train"}, "split values must be train, validation or test"),
+    ({"split": "partial"}, "split must be given on every row or on none"),
+    ({"inputs": "float"}, "inputs must be (N, 64, 64, 32) uint8"),
+    ({"inputs": "small"}, "inputs must be (N, 64, 64, 32) uint8"),
+    ({"side": "screen"}, "sides must be 'left' or 'right'"),
+])
+def test_bad_crops_are_refused(crops, tmp_path, capsys, change, message):
+    with np.load(crops / "crops.npz") as data:
+        n, inputs = len(data["label"]), data["inputs"]
+    key, how = next(iter(change.items()))
+    value = {
+        "label": np.where(np.arange(n) == 0, 2, 0),
+        "split": (np.array(["Train"] * n) if how == "Train"
+                  else np.where(np.arange(n) < 3, "", "train")),
+        "inputs": (inputs.astype(np.float32) if how == "float" else inputs[:, :32, :32, :16]),
+        "side": np.array(["screen"] * n),
+    }[key]
+    bad = rewrite(crops, tmp_path / "bad", **{key: value})
+    assert message in refused(capsys, bad, tmp_path / "run")
+
+
+def test_missing_crops_and_one_class_validation_are_refused(crops, tmp_path, capsys):
+    assert "no crops.npz in" in refused(capsys, tmp_path / "empty", tmp_path / "run")
+    with np.load(crops / "crops.npz") as data:
+        labels, sites = data["label"].copy(), data["site"]
+    labels[sites != "A"] = 0
+    labels[sites == "A"] = 0
+    bad = rewrite(crops, tmp_path / "negatives", label=labels, labels=labels)
+    assert "split needs positive and negative sides" in refused(capsys, bad, tmp_path / "r")
+
+
+def test_run_folders_are_not_overwritten_and_resume_needs_the_same_config(
+        crops, tiny_net, tmp_path, capsys):
+    def main_refused(run_dir: Path, data: Path, *extra: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            train_classifier.main(["--config", "densenet121_quick", "--run", str(run_dir),
+                                   "--device", "cpu", "--resume", "--set", f"data={data}",
+                                   "batch_size=8", "eval_batch_size=32", "positive_copies=2",
+                                   "val_positive_copies=2", "test_positive_copies=3",
+                                   "max_test_patients=null", *extra])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    assert "nothing to resume" in main_refused(tmp_path / "none", crops)
+    run(crops, tmp_path / "run", "epochs=1")
+    assert "already holds a run" in refused(capsys, crops, tmp_path / "run", "epochs=1")
+    other = make_crops(tmp_path / "other", seed=3)
+    err = main_refused(tmp_path / "run", other, "epochs=2")
+    assert "keys differ" in err and "['data']" in err
+    err = main_refused(tmp_path / "run", crops, "epochs=2", "architecture=resnet18")
+    assert "['architecture']" in err
+
+
+def test_export_refuses_non_finite_calibration(tmp_path):
+    from femurrisk import registry
+    from tests.test_training import TinyNet
+
+    classifier = tmp_path / "classifier"
+    classifier.mkdir()
+    registry.save_weights(TinyNet(), classifier / "classifier_densenet121.safetensors",
+                          {"architecture": "densenet121", "threshold": "nan",
+                           "logit_offset": "0.1", "val_auroc": "0.8"}, fp16=False)
+    landmark = tmp_path / "landmark"
+    landmark.mkdir()
+    registry.save_weights(torch.nn.Linear(1, 1), landmark / "landmark_unet.safetensors", {},
+                          fp16=False)
+    with pytest.raises(ValueError, match="threshold is 'nan'"):
+        export.check_runs(classifier, landmark)
+    with pytest.raises(ValueError, match="no finished landmark run"):
+        export.check_runs(classifier, tmp_path / "nowhere")
