@@ -9,21 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_training import make_crops, run
+from tests.test_training import make_crops, run, tiny_data, tiny_net  # noqa: F401 (fixtures)
 from training import export, train_classifier
 
 
 @pytest.fixture(scope="module")
-def crops(tmp_path_factory) -> Path:
-    return make_crops(tmp_path_factory.mktemp("crops"))
-
-
-@pytest.fixture
-def tiny_net(monkeypatch):
-    from tests.test_training import TinyNet
-
-    monkeypatch.setattr(train_classifier.registry, "build_classifier",
-                        lambda name: TinyNet())
+def crops(tiny_data) -> Path:
+    return tiny_data
 
 
 def refused(capsys, data: Path, run_dir: Path, *extra: str) -> str:
