@@ -3,6 +3,7 @@ that names what is wrong (found by trying the package as a new user)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,17 @@ def test_export_refuses_non_finite_calibration(tmp_path):
         export.check_runs(classifier, landmark)
     with pytest.raises(ValueError, match="no finished landmark run"):
         export.check_runs(classifier, tmp_path / "nowhere")
+
+
+def test_benchmark_table_refuses_runs_on_other_splits(tmp_path):
+    from training import benchmark
+
+    runs = []
+    for name, sides in (("densenet121", 10), ("swin", 12)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        split = {"test": {"sides": sides, "positives": 3, "patients": 5, "sites": ["B"]}}
+        (run_dir / "summary.json").write_text(json.dumps({"split": split}))
+        runs.append(run_dir)
+    with pytest.raises(ValueError, match=r"runs \['swin'\] were made on other splits"):
+        benchmark.write_table(runs, tmp_path / "table", "t", 10, 0)

@@ -237,7 +237,19 @@ def plot(entries: list[dict], runs: list[Path], path: Path) -> None:
 
 
 def write_table(runs: list[Path], out: Path, title: str, n_boot: int, seed: int) -> dict:
-    """Score finished runs and write OUT.md, OUT.json and OUT.png."""
+    """Score finished runs and write OUT.md, OUT.json and OUT.png.
+
+    Raises:
+        ValueError: If the runs were not made on the same splits (rows of one table
+            must compare models on the same sides).
+    """
+    splits = {run.name: json.loads((run / "summary.json").read_text())["split"]
+              for run in runs}
+    first = next(iter(splits.values()))
+    differing = sorted(name for name, split in splits.items() if split != first)
+    if differing:
+        raise ValueError(f"runs {differing} were made on other splits than {runs[0].name}; "
+                         "a table compares models on the same sides only")
     entries: list[dict] = []
     for run in runs:
         entries += model_entries(run, n_boot, seed)
@@ -280,8 +292,11 @@ def main(argv: list[str] | None = None) -> None:
     runs = [args.runs / n for n in args.models if (args.runs / n / "summary.json").is_file()]
     if not runs:
         raise SystemExit(f"no finished runs (summary.json) under {args.runs}")
-    table = write_table(runs, args.out, f"femurrisk benchmark, {args.preset} preset",
-                        args.bootstrap, args.seed)
+    try:
+        table = write_table(runs, args.out, f"femurrisk benchmark, {args.preset} preset",
+                            args.bootstrap, args.seed)
+    except ValueError as error:
+        parser.error(str(error))
     with open(args.out.with_suffix(".md"), "a") as handle:
         handle.write(
             "\nReproduce (the data are made first from the preset's `prepare` key when "

@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = load_config(args.config, args.set)
+    try:
+        config = load_config(args.config, args.set)
+    except ValueError as error:
+        parser.error(str(error))
     save_config(config, args.run)
     set_determinism(config["seed"])
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -93,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
 
     files = sorted((Path(config["data"]) / "landmark").glob("*.npz"))
     cases = [_load(f) for f in tqdm(files, desc="loading")]
+    if not 0 < config["val_cases"] < len(cases):
+        raise SystemExit(f"val_cases must be between 1 and {len(cases) - 1} for the "
+                         f"{len(cases)} landmark samples in {config['data']}, got "
+                         f"{config['val_cases']}; prepare more with --landmark-studies")
     val, train = cases[: config["val_cases"]], cases[config["val_cases"]:]
     logger.info("%d training and %d validation volumes", len(train), len(val))
     loader = DataLoader(
