@@ -76,3 +76,22 @@ def test_a_patient_in_two_splits_is_refused():
             "site": np.array(["A", "A", "B"])}
     with pytest.raises(ValueError, match="two splits"):
         dataset_splits(data, np.zeros(3, np.int64), {"seed": 0})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scale", "nan"], "--scale must be a number > 0"),
+    (["--scale", "0"], "--scale must be a number > 0"),
+    (["--single-anatomy", "2", "--first-case", "-5"], "--first-case must be >= 0"),
+    (["--max-external-patients", "-1"], "--max-external-patients must be >= 1"),
+    (["--landmark-studies", "-3"], "--landmark-studies must be >= 0"),
+    (["--single-anatomy", "2", "--positive-fraction", "2"], "--positive-fraction must be"),
+    (["--single-anatomy", "2", "--sites", "A,Z"], "--sites must name hospitals"),
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--landmark-only"], "--landmark-only needs --landmark-studies"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main([*args, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "crops.npz").exists()

@@ -42,6 +42,14 @@ def rewrite(source: Path, folder: Path, **changes) -> Path:
     ("threshold_rule=sensitivity:2", "threshold_rule must be"),
     ("epochs=0", "epochs must be a whole number >= 1"),
     ("batch_size=0", "batch_size must be a whole number >= 1"),
+    ("architecture=vgg", "architecture must be one of"),
+    ("seed=abc", "seed must be a whole number"),
+    ("amp=maybe", "amp must be true or false"),
+    ("augment_translate_voxels=5", "augment_translate_voxels must be a list of three"),
+    ("augment_rotate_deg=-5", "augment_rotate_deg must be a number >= 0"),
+    ("max_test_patients=0", "max_test_patients must be null or a whole number >= 1"),
+    ("val_fraction=0", "val_fraction must be"),
+    ("init_weights=/nonexistent.safetensors", "init_weights must be null or"),
 ])
 def test_bad_config_values_are_refused_before_writing(crops, tmp_path, capsys, setting,
                                                       message):
@@ -142,3 +150,12 @@ def test_benchmark_table_refuses_runs_on_other_splits(tmp_path):
         runs.append(run_dir)
     with pytest.raises(ValueError, match=r"runs \['swin'\] were made on other splits"):
         benchmark.write_table(runs, tmp_path / "table", "t", 10, 0)
+
+
+def test_every_shipped_config_passes_the_checks():
+    from training.config import CONFIG_DIR, load_config, validate
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        if path.stem in ("classifier_base",) or path.stem.startswith("landmark"):
+            continue
+        validate(load_config(path.stem, base="classifier_base"), "classifier_base")

@@ -106,6 +106,42 @@ def validate(config: dict, base: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 low <= value <= high):
             raise ValueError(f"{key} must be a number in [{low}, {high}], got {value!r}")
+    from femurrisk.registry import CLASSIFIERS
+
+    if config.get("architecture") not in CLASSIFIERS:
+        raise ValueError(f"architecture must be one of {list(CLASSIFIERS)}, "
+                         f"got {config.get('architecture')!r}")
+    if isinstance(config.get("seed"), bool) or not isinstance(config.get("seed"), int):
+        raise ValueError(f"seed must be a whole number, got {config.get('seed')!r}")
+    for key in ("amp", "cudnn_benchmark", "augment_all_classes", "augment_acquisition"):
+        if not isinstance(config.get(key), bool):
+            raise ValueError(f"{key} must be true or false, got {config.get(key)!r}")
+    for key in ("augment_rotate_deg", "augment_scale", "augment_noise_hu",
+                "augment_offset_hu"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0.0 <= value < float("inf")):
+            raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+    shift = config.get("augment_translate_voxels")
+    if not (isinstance(shift, list) and len(shift) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for v in shift)):
+        raise ValueError(f"augment_translate_voxels must be a list of three numbers >= 0 "
+                         f"(x, y, z voxels), got {shift!r}")
+    limit = config.get("max_test_patients")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or limit < 1):
+        raise ValueError(f"max_test_patients must be null or a whole number >= 1, "
+                         f"got {limit!r}")
+    if not 0.0 < config.get("val_fraction", 0.2) < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {config.get('val_fraction')!r}")
+    if config.get("prepare") is not None and not isinstance(config["prepare"], str):
+        raise ValueError(f"prepare must be null or training.prepare arguments as one "
+                         f"string, got {config['prepare']!r}")
+    weights = config.get("init_weights")
+    if weights is not None and not Path(str(weights)).is_file():
+        raise ValueError(f"init_weights must be null or a .safetensors file of an earlier "
+                         f"run, got {weights!r} (no such file)")
     rule = str(config.get("threshold_rule"))
     if rule != "youden":
         name, _, value = rule.partition(":")

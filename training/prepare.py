@@ -203,8 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     sites = [s for s in args.sites.split(",") if s]
     known_sites = [site.name for site in SITES]
-    if args.scale <= 0:
-        parser.error(f"--scale must be > 0, got {args.scale}")
+    if not 0 < args.scale < float("inf"):
+        parser.error(f"--scale must be a number > 0, got {args.scale}")
+    if args.first_case < 0:
+        parser.error(f"--first-case must be >= 0, got {args.first_case}")
+    if args.landmark_studies < 0:
+        parser.error(f"--landmark-studies must be >= 0, got {args.landmark_studies}")
+    if args.max_external_patients is not None and args.max_external_patients < 1:
+        parser.error(f"--max-external-patients must be >= 1, got {args.max_external_patients}")
+    if not 0 < args.positive_fraction < 1:
+        parser.error(f"--positive-fraction must be in (0, 1), got {args.positive_fraction}")
     if args.single_anatomy is not None and args.single_anatomy < 1:
         parser.error(f"--single-anatomy must be >= 1, got {args.single_anatomy}")
     if args.case_control is not None and args.case_control <= 0:
