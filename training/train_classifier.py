@@ -3,6 +3,7 @@
     python -m training.train_classifier --config densenet121_minimal --run runs/densenet121
     python -m training.train_classifier --config densenet121_quick --run runs/quick/densenet121
     torchrun --nproc_per_node 8 -m training.train_classifier --config densenet121_paper --run DIR
+    python -m training.train_classifier --config DIR/config.yaml --run DIR --resume
 
 Steps, as in the study (config keys in brackets): split by patient, training and
 validation from one hospital [train_site, val_fraction], test on the others; each
@@ -12,6 +13,10 @@ so that augmentation is no label; the epoch with the best validation AUROC is ke
 the operating threshold is chosen on validation only [threshold_rule]; probabilities
 are moved by a prior shift from the presented (inflated) prevalence back to the
 cohort's and to the deployment prevalence [target_prevalence].
+
+A run folder holds one run: a new run refuses a folder with a checkpoint, and
+``--resume`` continues only with the run's own config (its saved ``config.yaml``, as in
+the last command above; ``epochs`` may be raised).
 
 Outputs in the run folder: ``config.yaml`` (resolved), ``metrics.csv`` and ``tb/``
 (per epoch), ``checkpoint_last.safetensors`` (``--resume`` continues from it),
