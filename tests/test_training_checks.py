@@ -159,3 +159,12 @@ def test_every_shipped_config_passes_the_checks():
         if path.stem in ("classifier_base",) or path.stem.startswith("landmark"):
             continue
         validate(load_config(path.stem, base="classifier_base"), "classifier_base")
+
+
+def test_resume_from_the_runs_own_config(crops, tiny_net, tmp_path):
+    run(crops, tmp_path / "run", "epochs=1")
+    train_classifier.main(["--config", str(tmp_path / "run" / "config.yaml"),
+                           "--run", str(tmp_path / "run"), "--device", "cpu", "--resume",
+                           "--set", "epochs=2"])
+    epochs = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[0] for line in epochs] == ["1", "2"]
