@@ -74,6 +74,8 @@ def _study_job(job: tuple) -> list[dict]:
     case = generate_study(spec, study_id)
     if with_landmark:
         _save_landmark(case, Path(out) / "landmark" / f"{study_id:06d}.npz")
+    if not split_of:  # --landmark-only: no crops to make
+        return []
     rows_by_side = {row["side"]: row for row in case.params["design"]}
     rng = np.random.default_rng([spec.seed, study_id, 7])
     rows = []
@@ -97,10 +99,12 @@ def _study_job(job: tuple) -> list[dict]:
 
 def _single_job(job: tuple) -> list[dict]:
     """Crops of one single-anatomy case (the first generator: one CT per patient)."""
-    seed, case_id, out, with_landmark, site, positive_fraction = job
+    seed, case_id, out, with_landmark, site, positive_fraction, landmark_only = job
     case = generate_case(seed, case_id, site=site, positive_fraction=positive_fraction)
     if with_landmark:
         _save_landmark(case, Path(out) / "landmark" / f"{case_id:06d}.npz")
+    if landmark_only:
+        return []
     rng = np.random.default_rng([seed, case_id, 7])
     return [{
         "case_id": case_id, "study_id": case_id, "patient_id": case_id, "site": case.site,
@@ -232,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         ids = range(args.first_case, args.first_case + args.single_anatomy)
         landmark_n = args.landmark_studies if args.landmark_studies else 0
         jobs = [(args.seed, i, str(args.out), n < landmark_n,
-                 sites[n % len(sites)] if sites else None, args.positive_fraction)
+                 sites[n % len(sites)] if sites else None, args.positive_fraction,
+                 args.landmark_only)
                 for n, i in enumerate(ids)]
         if args.landmark_only:
             jobs = [j for j in jobs if j[3]]
@@ -242,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         jobs = design_jobs(spec, args.out, args.landmark_studies,
                            args.max_external_patients, args.seed, args.case_control)
         if args.landmark_only:
-            jobs = [j for j in jobs if j[-1]]
+            jobs = [(spec, s, {}, out, True) for spec, s, _, out, with_lm in jobs if with_lm]
         work = _study_job
     rows: list[dict] = []
     with get_context("spawn").Pool(args.workers) as pool:
