@@ -506,8 +506,8 @@ def main(argv: list[str] | None = None) -> None:
         distributed.barrier(info)
     if writer is not None:
         writer.close()
+    model = distributed.unwrap(model)  # every rank lets go of the wrapper before close()
     if info.is_main:
-        model = distributed.unwrap(model)
         registry.load_weights(model, args.run / "best_model.safetensors")
         finish(model, data, labels, rows, config, args.run, device, state, pipeline_cps)
     distributed.close(info)
