@@ -143,12 +143,23 @@ def choose_device(requested: str | None = None) -> torch.device:
     """CUDA when present, else CPU; ``requested`` or FEMURRISK_DEVICE override.
 
     Raises:
-        ValueError: If a CUDA device is requested but none is available.
+        ValueError: If the name is not cpu, cuda or cuda:N, or names a CUDA device
+            this machine does not have.
     """
     name = requested or os.environ.get("FEMURRISK_DEVICE") or ""
     if not name:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device must be available on this machine, not {name!r}: no CUDA")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, not {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device must be available on this machine, not {name!r}: "
+                             "no CUDA")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device must be available on this machine, not {name!r}: "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
     return device

@@ -4,6 +4,7 @@ and sides from the design, case-control sampling that keeps every positive."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,10 @@ def test_rows_are_the_design_cases_with_their_split(prepared):
     assert [int(r["case_id"]) for r in rows] == crops["case_id"].tolist()
     assert "input" not in rows[0]
     assert len(list((prepared / "landmark").glob("*.npz"))) == 1
+    # How the crops were made travels with them (read by the export's model card).
+    record = json.loads((prepared / "prepare.json").read_text())
+    assert record["generator"] == "multi-site design" and record["seed"] == SEED
+    assert f"--scale {SCALE}" in record["command"]
 
 
 def test_case_control_keeps_every_positive_and_the_ratio(prepared):

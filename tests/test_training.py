@@ -245,6 +245,26 @@ def test_export_writes_weights_and_card_from_a_run(tiny_data, tiny_net, tmp_path
     assert float(meta["logit_offset"]) == pytest.approx(summary["logit_offset"], rel=1e-5)
     card = (tmp_path / "assets" / "MODEL_CARD.md").read_text()
     assert "val_auroc" in card and "train_cases_per_s" in card
+    # Crops not made by training.prepare are named as such, never as the synthetic cohort.
+    assert meta["trained_on"].startswith(f"crops in {tiny_data}")
+    assert "not made by training.prepare" in meta["trained_on"]
+
+
+def test_model_card_names_the_prepare_command_of_the_data(tmp_path):
+    from training import export
+
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(f"data: {data}\n")
+    (data / "prepare.json").write_text(json.dumps({
+        "command": "python -m training.prepare --scale 1 --out data/paper",
+        "generator": "multi-site design", "seed": 0}))
+    assert export.describe_training_data(run_dir) == (
+        "femurrisk synthetic cohort (multi-site design, seed 0): "
+        "`python -m training.prepare --scale 1 --out data/paper`")
+    (run_dir / "config.yaml").unlink()
+    assert export.describe_training_data(run_dir).startswith("unknown")
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():

@@ -71,6 +71,8 @@ def test_unknown_config_name_is_refused(tmp_path, capsys):
     ({"inputs": "float"}, "inputs must be (N, 64, 64, 32) uint8"),
     ({"inputs": "small"}, "inputs must be (N, 64, 64, 32) uint8"),
     ({"side": "screen"}, "sides must be 'left' or 'right'"),
+    ({"true_risk": "nan"}, "'true_risk' must be a finite number on every row"),
+    ({"true_risk": "text"}, "got values that are not numbers"),
 ])
 def test_bad_crops_are_refused(crops, tmp_path, capsys, change, message):
     with np.load(crops / "crops.npz") as data:
@@ -82,6 +84,8 @@ def test_bad_crops_are_refused(crops, tmp_path, capsys, change, message):
                   else np.where(np.arange(n) < 3, "", "train")),
         "inputs": (inputs.astype(np.float32) if how == "float" else inputs[:, :32, :32, :16]),
         "side": np.array(["screen"] * n),
+        "true_risk": (np.where(np.arange(n) == 1, np.nan, 0.1) if how == "nan"
+                      else np.array(["high"] * n)),
     }[key]
     bad = rewrite(crops, tmp_path / "bad", **{key: value})
     assert message in refused(capsys, bad, tmp_path / "run")
@@ -168,3 +172,22 @@ def test_resume_from_the_runs_own_config(crops, tiny_net, tmp_path):
                            "--set", "epochs=2"])
     epochs = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
     assert [line.split(",")[0] for line in epochs] == ["1", "2"]
+
+
+@pytest.mark.parametrize("device", ["tpu", "banana:0", "mps"]
+                         + ([] if torch.cuda.is_available() else ["cuda", "cuda:1"]))
+def test_unusable_devices_are_refused_in_one_line(crops, tmp_path, capsys, device):
+    err = refused(capsys, crops, tmp_path / "run", "--device", device)
+    assert "device must be" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_in_use_is_refused(crops, tmp_path, capsys):
+    lock = train_classifier.lock_run_folder(tmp_path / "run")  # as a running training does
+    try:
+        err = refused(capsys, crops, tmp_path / "run", "epochs=1")
+        assert "in use by another training process" in err
+        assert not (tmp_path / "run" / "config.yaml").exists()
+    finally:
+        lock.close()
+    train_classifier.lock_run_folder(tmp_path / "run").close()  # free again once released

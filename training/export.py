@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from femurrisk import registry
 from femurrisk.registry import read_metadata
@@ -50,6 +52,25 @@ def _relative_config(meta: dict[str, str]) -> dict[str, str]:
     if path and Path(path).is_absolute() and Path(path).is_relative_to(ROOT):
         meta["config"] = str(Path(path).relative_to(ROOT))
     return meta
+
+
+def describe_training_data(classifier_run: Path) -> str:
+    """What the classifier was trained on, from its config and the data's prepare.json.
+
+    Crops made by :mod:`training.prepare` are synthetic and say how they were made;
+    anything else is named by its folder only (the card then says the data is the
+    user's own).
+    """
+    try:
+        data = Path(yaml.safe_load((classifier_run / "config.yaml").read_text())["data"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "unknown (the run has no readable config.yaml)"
+    try:
+        record = json.loads((data / "prepare.json").read_text())
+        return (f"femurrisk synthetic cohort ({record['generator']}, seed {record['seed']}): "
+                f"`{record['command']}`")
+    except (OSError, KeyError, TypeError, ValueError):
+        return f"crops in {data} (not made by training.prepare, or made before prepare.json)"
 
 
 def check_runs(classifier_run: Path, landmark_run: Path) -> None:
@@ -124,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifier-run", type=Path, required=True)
     parser.add_argument("--landmark-run", type=Path, required=True)
     parser.add_argument("--assets", type=Path, default=registry.ASSETS_DIR)
-    parser.add_argument("--trained-on", default="femurrisk minimal synthetic cohort")
+    parser.add_argument("--trained-on", default=None,
+                        help="training data for the model card (default: read from the "
+                        "classifier run's config and the data's prepare.json)")
     parser.add_argument("--notes", type=Path,
                         help="Markdown with the exact commands and data of these runs, "
                         "placed in the model card (default: the standard commands)")
@@ -134,8 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         check_runs(args.classifier_run, args.landmark_run)
     except (ValueError, OSError) as error:
         parser.error(str(error))
+    trained_on = args.trained_on or describe_training_data(args.classifier_run)
     export(args.classifier_run, args.landmark_run, args.assets,
-           {"trained_on": args.trained_on, "research_demo": "true"}, notes)
+           {"trained_on": trained_on, "research_demo": "true"}, notes)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ case sides cropped by the same femurrisk code the app runs. Splits are made here
 by patient, with :func:`training.splits.study_splits`: training and validation from
 hospital A, external test from B, C and D.
 
-Writes ``crops.npz`` (all per-side network inputs as uint8 with labels, splits and
+Writes ``prepare.json`` (this command, for the model card), ``crops.npz`` (all per-side network inputs as uint8 with labels, splits and
 truth), ``manifest.csv`` (one row per side, without the pixels) and, for
 ``--landmark-studies`` CTs of the training split, ``landmark/<study>.npz``
 (landmark-grid input and labels). Every CT is regenerated exactly from (seed,
@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
+import shlex
+import sys
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -174,6 +177,19 @@ def design_jobs(spec: CohortSpec, out: Path, landmark_studies: int,
              str(out), s in with_landmark) for s in studies]
 
 
+def write_provenance(args: argparse.Namespace, argv: list[str] | None, out: Path) -> None:
+    """``prepare.json`` beside crops.npz: how it was made, for the model card."""
+    record = {
+        "command": shlex.join(["python", "-m", "training.prepare",
+                               *(sys.argv[1:] if argv is None else argv)]),
+        "generator": ("single-anatomy generator" if args.single_anatomy is not None
+                      else "multi-site design"),
+        "seed": args.seed,
+    }
+    (out / "prepare.tmp.json").write_text(json.dumps(record, indent=2))
+    (out / "prepare.tmp.json").replace(out / "prepare.json")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="cohort seed")
@@ -258,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         raise SystemExit("no case sides were made; raise --scale or --single-anatomy")
     write_crops(rows, args.out)
+    write_provenance(args, argv, args.out)
     if args.single_anatomy is None:
         for name in ("train", "validation", "test"):
             labels = {r["label"] for r in rows if r["split"] == name}

@@ -14,7 +14,8 @@ the operating threshold is chosen on validation only [threshold_rule]; probabili
 are moved by a prior shift from the presented (inflated) prevalence back to the
 cohort's and to the deployment prevalence [target_prevalence].
 
-A run folder holds one run: a new run refuses a folder with a checkpoint, and
+A run folder holds one run: a folder another training is writing is refused (a lock
+held while the process lives), a new run refuses a folder with a checkpoint, and
 ``--resume`` continues only with the run's own config (its saved ``config.yaml``, as in
 the last command above; ``epochs`` may be raised).
 
@@ -29,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -154,6 +157,30 @@ def check_run_folder(run_dir: Path, config: dict, resume: bool) -> None:
                          f"{run_dir / 'config.yaml'}: {changed}")
 
 
+def lock_run_folder(run_dir: Path):
+    """Hold an exclusive lock on the run folder for as long as this process lives.
+
+    Two trainings writing one folder would mix their checkpoints and metrics; the
+    second one is refused instead. The lock (``flock`` on ``.lock``) goes with the
+    process, so a killed run leaves nothing to clean up.
+
+    Returns:
+        The open lock file; keep a reference to it.
+
+    Raises:
+        ValueError: Another process holds the folder.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(f"{run_dir} is in use by another training process; wait for it "
+                         "or choose another --run folder") from None
+    return handle
+
+
 def check_crops(arrays: dict) -> None:
     """Refuse a crops.npz that training would misread, naming what is wrong.
 
@@ -161,7 +188,8 @@ def check_crops(arrays: dict) -> None:
         ValueError: A missing array, inputs that are not (N, 64, 64, 32) uint8,
             arrays of other lengths, labels other than 0/1, sides other than
             left/right, or split values other than train/validation/test (on every
-            row or on none).
+            row or on none), or non-finite truth (true_risk and the lesion measures
+            the rule baselines read).
     """
     for name in ("inputs", "label", "case_id", "side", "implant"):
         if arrays.get(name) is None:
@@ -189,6 +217,18 @@ def check_crops(arrays: dict) -> None:
         if (split == "").any() and (split != "").any():
             raise ValueError("crops.npz split must be given on every row or on none, "
                              f"got {int((split == '').sum())} rows without one")
+    for name in ("true_risk", "axial_cortical_involvement_mm", "size_ratio"):
+        if name not in arrays:
+            continue
+        try:
+            bad = int((~np.isfinite(np.asarray(arrays[name], dtype=np.float64))).sum())
+        except (TypeError, ValueError):
+            bad = -1
+        if bad:
+            raise ValueError(f"crops.npz '{name}' must be a finite number on every row "
+                             "(leave the array out when it is unknown), got "
+                             + ("values that are not numbers" if bad < 0
+                                else f"{bad} non-finite values"))
 
 
 class Presentations(Dataset):
@@ -413,9 +453,12 @@ def main(argv: list[str] | None = None) -> None:
                 for name in ("train", "validation", "test")}
         check_splits(rows, labels)
         check_run_folder(args.run, config, args.resume)
+        requested_device = registry.choose_device(args.device)
+        if int(os.environ.get("RANK", "0")) == 0:
+            lock = lock_run_folder(args.run)  # noqa: F841 - held until the process ends
     except ValueError as error:
         parser.error(str(error))
-    info = distributed.init(registry.choose_device(args.device))
+    info = distributed.init(requested_device)
     device = info.device
     if info.is_main:
         save_config(config, args.run)

@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         config = load_config(args.config, args.set)
+        device = registry.choose_device(None)  # FEMURRISK_DEVICE may name one
     except ValueError as error:
         parser.error(str(error))
     save_config(config, args.run)
     set_determinism(config["seed"])
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    device = registry.choose_device(None)
 
     files = sorted((Path(config["data"]) / "landmark").glob("*.npz"))
     cases = [_load(f) for f in tqdm(files, desc="loading")]
