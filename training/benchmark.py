@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.out.with_suffix(".md"), "a") as handle:
         handle.write(
             "\nReproduce (the data are made first from the preset's `prepare` key when "
-            "missing):\n\n"
+            "missing; finished runs are kept, interrupted ones resumed):\n\n"
             f"    python -m training.benchmark run --preset {args.preset} --runs {args.runs}"
             f" --out {args.out}\n\nBootstrap resamples: {table['bootstrap_resamples']}.\n")
 
