@@ -191,3 +191,162 @@ def test_a_run_folder_in_use_is_refused(crops, tmp_path, capsys):
     finally:
         lock.close()
     train_classifier.lock_run_folder(tmp_path / "run").close()  # free again once released
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs: [1\n", "is not readable YAML"),
+    ("- 1\n- 2\n", "must be a mapping of keys to values"),
+    ("extends: nope_parent\n", "named by 'extends'"),
+])
+def test_broken_config_files_are_refused(crops, tmp_path, capsys, text, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        train_classifier.main(["--config", str(path), "--run", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data=null", "data must be the folder holding crops.npz"),
+    ("augment_translate_voxels=[.inf,0,0]", "augment_translate_voxels must be a list"),
+])
+def test_more_bad_values_are_refused(crops, tmp_path, capsys, setting, message):
+    assert message in refused(capsys, crops, tmp_path / "run", setting)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "is not a readable NumPy .npz archive"),
+    ("truncated", "is not a readable NumPy .npz archive"),
+    ("pickled", "holds Python objects"),
+    ("scalar_case_id", "'case_id' must be one value per side"),
+    ("implant_text", "implant must be true/false"),
+    ("all_implants", "every side in"),
+])
+def test_unreadable_or_odd_crops_are_refused(crops, tmp_path, capsys, damage, message):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    raw = (crops / "crops.npz").read_bytes()
+    with np.load(crops / "crops.npz") as data:
+        n = len(data["label"])
+    if damage == "empty":
+        (bad / "crops.npz").write_bytes(b"")
+    elif damage == "truncated":
+        (bad / "crops.npz").write_bytes(raw[: len(raw) // 2])
+    elif damage == "pickled":
+        rewrite(crops, bad, side=np.array([{"side": "left"}] * n, dtype=object))
+    elif damage == "scalar_case_id":
+        rewrite(crops, bad, case_id=np.array(3))
+    elif damage == "implant_text":
+        rewrite(crops, bad, implant=np.array(["no"] * n))
+    else:
+        rewrite(crops, bad, implant=np.ones(n, bool))
+    err = refused(capsys, bad, tmp_path / "run")
+    assert message in err and "Traceback" not in err
+
+
+def test_a_run_that_is_a_file_is_refused(crops, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert "--run must be a folder" in refused(capsys, crops, tmp_path / "afile")
+
+
+def test_resume_reads_the_runs_config_and_unfinishes_the_run(crops, tiny_net, tmp_path,
+                                                             monkeypatch):
+    run(crops, tmp_path / "run", "epochs=1")
+    finished = ("summary.json", "predictions.csv", "classifier_densenet121.safetensors")
+    assert all((tmp_path / "run" / name).is_file() for name in finished)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # No --config and no --set data=...: --resume takes the run's own config.yaml. An
+    # interruption before the new finish leaves no output of the earlier, shorter run.
+    monkeypatch.setattr(train_classifier, "finish", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier.main(["--run", str(tmp_path / "run"), "--device", "cpu",
+                               "--resume", "--set", "epochs=2"])
+    assert not any((tmp_path / "run" / name).exists() for name in finished)
+    epochs = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[0] for line in epochs] == ["1", "2"]
+
+
+def _fake_runs(tmp_path: Path, crops: Path, overrides: str = "") -> tuple[Path, Path]:
+    """A finished classifier run (tiny training) and a stand-in landmark run."""
+    from femurrisk import registry
+
+    classifier = tmp_path / "runs" / "densenet121"
+    run(crops, classifier, "epochs=1")
+    if overrides:  # as if trained with other --set values
+        path = classifier / "classifier_densenet121.safetensors"
+        meta = registry.read_metadata(path)
+        model = registry.build_classifier("densenet121")
+        registry.load_weights(model, path)
+        registry.save_weights(model, path, {**meta, "config_overrides": overrides},
+                              fp16=False)
+    landmark = tmp_path / "landmark"
+    registry.save_weights(registry.build_landmark_unet(), landmark / "landmark_unet.safetensors",
+                          {"step": "1"}, fp16=False)
+    (landmark / "metrics.csv").write_text("step,val_mae_mm\n1,5.0\n")
+    (landmark / "config.yaml").write_text(f"data: {tmp_path / 'lm_data'}\n"
+                                          "config_file: training/configs/landmark_minimal.yaml\n")
+    (tmp_path / "lm_data").mkdir()
+    (tmp_path / "lm_data" / "prepare.json").write_text(json.dumps({
+        "command": "python -m training.prepare --landmark-only --landmark-studies 9",
+        "generator": "multi-site design", "seed": 5}))
+    return classifier, landmark
+
+
+def test_model_card_tells_own_data_from_synthetic_and_names_the_real_commands(
+        crops, tiny_net, tmp_path):
+    from femurrisk import registry
+
+    classifier, landmark = _fake_runs(tmp_path, crops)
+    export.main(["--classifier-run", str(classifier), "--landmark-run", str(landmark),
+                 "--assets", str(tmp_path / "assets")])
+    card = (tmp_path / "assets" / "MODEL_CARD.md").read_text()
+    # The classifier's crops were not made by training.prepare: no synthetic-only claim.
+    assert "Trained on synthetic data only" not in card
+    assert "Research model. Not validated for clinical use." in card
+    assert f"data in `{crops}`, not made by `training.prepare`" in card
+    # The landmark's own data and command, not the classifier's.
+    meta = registry.read_metadata(tmp_path / "assets" / "landmark_unet.safetensors")
+    assert meta["trained_on"].startswith("femurrisk synthetic cohort (multi-site design, seed 5)")
+    assert "--landmark-only --landmark-studies 9" in card
+    # The classifier command with the --set values it was trained with.
+    assert f"--run {classifier} --set data={crops}" in card
+    assert "CPU, " in card and "2 cores" not in card
+
+
+def test_export_refuses_corrupt_weights_and_leaves_no_empty_folder(crops, tiny_net, tmp_path,
+                                                                   capsys):
+    classifier, landmark = _fake_runs(tmp_path, crops)
+    (landmark / "landmark_unet.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--classifier-run", str(classifier), "--landmark-run", str(landmark),
+                     "--assets", str(tmp_path / "assets")])
+    assert exit_info.value.code == 2
+    assert "is not a readable safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "assets").exists()
+
+
+def test_benchmark_table_names_what_the_runs_are(crops, tiny_net, tmp_path, capsys):
+    from training import benchmark
+
+    classifier, _ = _fake_runs(tmp_path, crops)
+    out = tmp_path / "table" / "bench"
+    benchmark.main(["table", "--runs", str(classifier.parent), "--out", str(out),
+                    "--models", "densenet121", "--bootstrap", "100"])
+    text = out.with_suffix(".md").read_text()
+    # Trained with --set overrides: not "the quick preset", and no "run" to reproduce it.
+    assert text.startswith(f"# femurrisk benchmark, runs under {classifier.parent}")
+    assert "benchmark run --preset" not in text
+    for argv, message in (
+            (["table", "--models", "vgg"], "invalid choice: 'vgg'"),
+            (["table", "--bootstrap", "5"], "--bootstrap must be at least 100"),
+            (["run", "--preset", "nonsense"], "--preset must be one with a config per model")):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main([*argv, "--runs", str(classifier.parent), "--out", str(out)])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err

@@ -98,3 +98,24 @@ def test_single_process_needs_no_process_group():
     model = TinyNet()
     assert distributed.wrap(model, info) is model
     assert distributed.mean_over_ranks(2.5, info) == pytest.approx(2.5)
+
+
+def test_documented_torchrun_commands_reach_the_trainer_whole():
+    """torchrun parses the README's and docstrings' commands as meant: its options
+    stop at ``--`` and every trainer option (``--run`` above all) reaches the trainer."""
+    import re
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    root = Path(__file__).resolve().parents[1]
+    texts = [root / "README.md", root / "training" / "distributed.py",
+             root / "training" / "train_classifier.py"]
+    commands = [line.strip() for path in texts for line in path.read_text().splitlines()
+                if re.match(r"\s*torchrun .*training\.train_classifier", line)]
+    assert len(commands) >= 3
+    for command in commands:
+        args = get_args_parser().parse_args(shlex.split(command)[1:])
+        assert args.module and args.training_script == "training.train_classifier"
+        assert args.training_script_args[:2] == ["--config", "densenet121_paper"]
+        assert "--run" in args.training_script_args

@@ -28,10 +28,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from femurrisk.registry import CLASSIFIERS
+from femurrisk.registry import CLASSIFIERS, read_metadata
 from training import prepare
-from training.config import load_config
+from training.config import CONFIG_DIR, load_config
 from training.metrics import (
     POINT_METRICS, choose_threshold, evaluate, logit, pr_curve, roc_curve, sigmoid,
 )
@@ -105,6 +106,9 @@ def model_entries(run: Path, n_boot: int, seed: int) -> list[dict]:
     """The model's test row and its augmented-test row."""
     summary = json.loads((run / "summary.json").read_text())
     rows = [r for r in read_predictions(run) if r["set"] == "test"]
+    if not rows:
+        raise ValueError(f"{run} has no test predictions (its data had no test split); "
+                         "the table compares models on the external test")
     plain = [r for r in rows if r["copy"] == "0"]
     copies = max(int(r["copy"]) for r in rows)
     name, t = summary["architecture"], summary["threshold"]
@@ -264,20 +268,55 @@ def write_table(runs: list[Path], out: Path, title: str, n_boot: int, seed: int)
     return table
 
 
+def preset_of(runs: list[Path]) -> str | None:
+    """The preset every run was trained with unchanged (``<arch>_<preset>`` config and
+    no ``--set``), or None."""
+    presets = set()
+    for run in runs:
+        try:
+            config = yaml.safe_load((run / "config.yaml").read_text())
+            stem = Path(config["config_file"]).stem
+            arch = config["architecture"]
+            weights = next(run.glob("classifier_*.safetensors"))
+            overrides = read_metadata(weights).get("config_overrides", "")
+        except (OSError, KeyError, TypeError, StopIteration, yaml.YAMLError):
+            return None
+        if overrides or not stem.startswith(f"{arch}_"):
+            return None
+        presets.add(stem[len(arch) + 1:])
+    return presets.pop() if len(presets) == 1 else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("run", "table"))
-    parser.add_argument("--preset", default="quick", help="config suffix: quick, paper")
+    parser.add_argument("--preset", default="quick",
+                        help="config suffix: quick, paper (run only)")
     parser.add_argument("--runs", type=Path, required=True, help="folder of the runs")
     parser.add_argument("--out", type=Path, required=True, help="output path, no suffix")
-    parser.add_argument("--models", nargs="*", default=list(CLASSIFIERS))
-    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--models", nargs="*", default=list(CLASSIFIERS),
+                        choices=list(CLASSIFIERS))
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples for the 95 %% intervals (>= 100)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.bootstrap < 100:
+        parser.error(f"--bootstrap must be at least 100 resamples, got {args.bootstrap}")
+    for path in (args.out.parent, args.runs):
+        if path.exists() and not path.is_dir():
+            parser.error(f"{path} must be a folder, but it is a file")
     if args.command == "run":
-        for name in args.models:
-            prepare_data(load_config(f"{name}_{args.preset}", base="classifier_base"))
+        try:
+            configs = [load_config(f"{n}_{args.preset}", base="classifier_base")
+                       for n in args.models]
+        except ValueError:
+            known = sorted({p.stem.split("_", 1)[1] for p in CONFIG_DIR.glob("*_*.yaml")
+                            if p.stem.split("_", 1)[0] in CLASSIFIERS})
+            parser.error(f"--preset must be one with a config per model "
+                         f"(<model>_<preset>.yaml), one of {known}; got {args.preset!r}")
+        for config in configs:
+            prepare_data(config)
         for name in args.models:
             run = args.runs / name
             if (run / "summary.json").is_file():
@@ -288,21 +327,31 @@ def main(argv: list[str] | None = None) -> None:
             if (run / "checkpoint_last.safetensors").is_file():
                 command.append("--resume")  # an interrupted run continues
             logger.info("%s", " ".join(command))
-            subprocess.run(command, check=True, env=os.environ.copy())
+            if subprocess.run(command, env=os.environ.copy()).returncode:
+                raise SystemExit(f"training {name} stopped (see above); run the same "
+                                 "command again to resume it")
     runs = [args.runs / n for n in args.models if (args.runs / n / "summary.json").is_file()]
     if not runs:
         raise SystemExit(f"no finished runs (summary.json) under {args.runs}")
+    preset = preset_of(runs)
+    title = (f"femurrisk benchmark, {preset} preset" if preset
+             else f"femurrisk benchmark, runs under {args.runs}")
     try:
-        table = write_table(runs, args.out, f"femurrisk benchmark, {args.preset} preset",
-                            args.bootstrap, args.seed)
+        table = write_table(runs, args.out, title, args.bootstrap, args.seed)
     except ValueError as error:
         parser.error(str(error))
+    if preset:
+        how = ("Reproduce (the data are made first from the preset's `prepare` key when "
+               "missing; finished runs are kept, interrupted ones resumed):\n\n"
+               f"    python -m training.benchmark run --preset {preset} --runs {args.runs}"
+               + ("" if args.models == list(CLASSIFIERS) else f" --models {' '.join(args.models)}")
+               + f" --out {args.out}\n")
+    else:
+        how = ("These runs were not all trained with one preset unchanged; each run "
+               "folder's config.yaml says how it was. Table made with:\n\n"
+               f"    python -m training.benchmark table --runs {args.runs} --out {args.out}\n")
     with open(args.out.with_suffix(".md"), "a") as handle:
-        handle.write(
-            "\nReproduce (the data are made first from the preset's `prepare` key when "
-            "missing; finished runs are kept, interrupted ones resumed):\n\n"
-            f"    python -m training.benchmark run --preset {args.preset} --runs {args.runs}"
-            f" --out {args.out}\n\nBootstrap resamples: {table['bootstrap_resamples']}.\n")
+        handle.write(f"\n{how}\nBootstrap resamples: {table['bootstrap_resamples']}.\n")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,31 @@ def _path(name_or_path: str) -> Path:
 
 
 def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """One config file with what it extends, as a dict.
+
+    Raises:
+        ValueError: A loop of ``extends``, a file that is missing, not YAML, or not a
+            mapping of keys to values.
+    """
     if path in seen:
         raise ValueError(f"config extends must not loop, got {' -> '.join(map(str, seen))}")
-    config = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise ValueError(f"no config {str(path)!r}" + (
+            f" (named by 'extends' in {seen[-1]})" if seen else "")
+            + "; expected a name in training/configs or a path to a YAML file")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"config {path} is not readable YAML: {reason}") from None
+    config = {} if config is None else config
+    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+        raise ValueError(f"config {path} must be a mapping of keys to values "
+                         f"(key: value lines), got a {type(config).__name__}")
     parent = config.pop("extends", None)
     if parent is None:
         return config
-    return {**_read(_path(parent), (*seen, path)), **config}
+    return {**_read(_path(str(parent)), (*seen, path)), **config}
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None,
@@ -53,7 +71,10 @@ def load_config(name_or_path: str, overrides: list[str] | None = None,
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override must be key=value, got {item!r}")
-        config[key] = yaml.safe_load(value)
+        try:
+            config[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"override {item!r}: the value is not valid YAML") from None
     config["config_file"] = str(path)
     return config
 
@@ -122,10 +143,13 @@ def validate(config: dict, base: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 0.0 <= value < float("inf")):
             raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+    if not isinstance(config.get("data"), str) or not config["data"]:
+        raise ValueError(f"data must be the folder holding crops.npz, got "
+                         f"{config.get('data')!r}")
     shift = config.get("augment_translate_voxels")
     if not (isinstance(shift, list) and len(shift) == 3 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-            for v in shift)):
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            and 0 <= v < float("inf") for v in shift)):
         raise ValueError(f"augment_translate_voxels must be a list of three numbers >= 0 "
                          f"(x, y, z voxels), got {shift!r}")
     limit = config.get("max_test_patients")

@@ -1,9 +1,10 @@
 """Multi-GPU and multi-node training through ``torchrun`` (DistributedDataParallel).
 
-    torchrun --nproc_per_node 8 -m training.train_classifier --config densenet121_paper --run DIR
+    torchrun --nproc_per_node 8 -m training.train_classifier -- --config densenet121_paper --run DIR
     torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:PORT --nproc_per_node 8 -m ...
 
-``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; without them training runs in one
+The ``--`` ends torchrun's own options: without it torchrun reads ``--run`` as its
+``--run-path`` ("ambiguous option"). ``torchrun`` sets RANK, WORLD_SIZE and LOCAL_RANK; without them training runs in one
 process. NCCL is used on GPUs, gloo on CPUs. The global batch stays the config's
 ``batch_size``: each of the W processes takes ``batch_size / W`` rows per step.
 """

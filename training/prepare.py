@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--sites must name hospitals among {known_sites}, "
                      f"got {sorted(set(sites) - set(known_sites))}")
 
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out must be a folder, but {args.out} is a file")
     (args.out / "landmark").mkdir(parents=True, exist_ok=True)
     if args.single_anatomy is not None:
         ids = range(args.first_case, args.first_case + args.single_anatomy)
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         for result in tqdm(pool.imap(work, jobs), total=len(jobs), desc="CTs"):
             rows.extend(result)
     if args.landmark_only:
+        write_provenance(args, argv, args.out)
         return
     if not rows:
         raise SystemExit("no case sides were made; raise --scale or --single-anatomy")
@@ -292,4 +295,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; crops.npz and manifest.csv are written whole at the "
+                         "end, so this run left none: start it again") from None

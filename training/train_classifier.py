@@ -2,7 +2,7 @@
 
     python -m training.train_classifier --config densenet121_minimal --run runs/densenet121
     python -m training.train_classifier --config densenet121_quick --run runs/quick/densenet121
-    torchrun --nproc_per_node 8 -m training.train_classifier --config densenet121_paper --run DIR
+    torchrun --nproc_per_node 8 -m training.train_classifier -- --config densenet121_paper --run DIR
     python -m training.train_classifier --config DIR/config.yaml --run DIR --resume
 
 Steps, as in the study (config keys in brackets): split by patient, training and
@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +76,26 @@ def load_crops(data_dir: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"no crops.npz in {data_dir}: make it with training.prepare "
                          "or lay out your own (training/prepare.py, CROP_FIELDS)")
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files}
+    try:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as error:
+        if "pickle" not in str(error):
+            raise ValueError(f"{path} is not a NumPy .npz archive of arrays "
+                             f"({error})") from None
+        raise ValueError(f"{path} holds Python objects (pickled arrays); save plain "
+                         "arrays of numbers and strings (np.savez)") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable NumPy .npz archive "
+                         f"({type(error).__name__}: empty, truncated or another format)"
+                         ) from None
+    if not isinstance(arrays, dict):
+        raise ValueError(f"{path} is a single array, not a NumPy .npz archive of the "
+                         "arrays of training/prepare.py")
     arrays.setdefault("label", arrays.get("labels"))
     check_crops(arrays)
+    if not len(arrays["inputs"]):
+        raise ValueError(f"{path} holds no sides")
     arrays.setdefault("patient_id", arrays["case_id"])
     if "site" not in arrays:
         sites = {}
@@ -88,6 +105,9 @@ def load_crops(data_dir: Path) -> dict[str, np.ndarray]:
                 sites = {int(r["case_id"]): r.get("site", "") for r in csv.DictReader(handle)}
         arrays["site"] = np.array([sites.get(int(c), "") for c in arrays["case_id"]])
     keep = ~arrays["implant"].astype(bool)  # the product does not score implanted sides
+    if not keep.any():
+        raise ValueError(f"every side in {path} has an implant; the product scores "
+                         "femurs without one, so nothing is left to train on")
     return {k: np.asarray(v)[keep] for k, v in arrays.items() if v is not None}
 
 
@@ -141,6 +161,8 @@ def check_run_folder(run_dir: Path, config: dict, resume: bool) -> None:
     Raises:
         ValueError: Saying what is in the way.
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--run must be a folder, but {run_dir} is a file")
     checkpoint = run_dir / "checkpoint_last.safetensors"
     if not resume:
         if checkpoint.is_file():
@@ -149,12 +171,22 @@ def check_run_folder(run_dir: Path, config: dict, resume: bool) -> None:
         return
     if not checkpoint.is_file():
         raise ValueError(f"nothing to resume: {run_dir} has no checkpoint_last.safetensors")
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(f"cannot resume: {run_dir / 'config.yaml'} is missing or unreadable")
     changed = sorted(k for k in (set(saved) | set(config)) - RESUMABLE_CHANGES
                      if saved.get(k) != config.get(k))
     if changed:
         raise ValueError(f"--resume needs the run's own config; these keys differ from "
                          f"{run_dir / 'config.yaml'}: {changed}")
+
+
+def distributed_world_size() -> int:
+    """Processes training together (torchrun's WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def lock_run_folder(run_dir: Path):
@@ -196,6 +228,10 @@ def check_crops(arrays: dict) -> None:
             raise ValueError(f"crops.npz has no '{name}' array; expected the arrays "
                              "of training/prepare.py (CROP_FIELDS and inputs)")
     inputs = arrays["inputs"]
+    for name, value in arrays.items():
+        if value is not None and name != "inputs" and np.ndim(value) != 1:
+            raise ValueError(f"crops.npz '{name}' must be one value per side (1-D), got "
+                             f"shape {np.shape(value)}")
     if inputs.ndim != 4 or tuple(inputs.shape[1:]) != g.CROP_SHAPE or inputs.dtype != np.uint8:
         raise ValueError(f"crops.npz inputs must be (N, {', '.join(map(str, g.CROP_SHAPE))}) "
                          f"uint8 bone-window crops, got {inputs.shape} {inputs.dtype}")
@@ -206,6 +242,10 @@ def check_crops(arrays: dict) -> None:
     if not np.isin(arrays["label"], (0, 1)).all():
         raise ValueError("crops.npz labels must be 0 (no fracture) or 1 (fracture), got "
                          f"{sorted(set(np.unique(arrays['label']).tolist()) - {0, 1})}")
+    implant = arrays["implant"]
+    if implant.dtype != bool and not np.isin(implant, (0, 1)).all():
+        raise ValueError("crops.npz implant must be true/false (or 0/1) per side, got "
+                         f"values such as {np.unique(implant)[:3].tolist()}")
     if not np.isin(arrays["side"].astype(str), ("left", "right")).all():
         raise ValueError("crops.npz sides must be 'left' or 'right'")
     if "split" in arrays:
@@ -434,7 +474,9 @@ def set_determinism(config: dict, device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="densenet121_minimal")
+    parser.add_argument("--config", default=None,
+                        help="config name or YAML path (default: densenet121_minimal; "
+                        "with --resume, the run's own config.yaml)")
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--resume", action="store_true",
@@ -443,9 +485,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     # Everything a user can get wrong is checked before anything is written.
+    if args.config is None:
+        saved = args.run / "config.yaml"
+        args.config = str(saved) if args.resume and saved.is_file() else "densenet121_minimal"
     try:
         config = load_config(args.config, args.set, base="classifier_base")
         validate(config, "classifier_base")
+        if args.resume:  # a changed config is named before the data are read
+            check_run_folder(args.run, config, args.resume)
         data = load_crops(Path(config["data"]))
         labels = data["label"].astype(np.int64)
         split = dataset_splits(data, labels, config)
@@ -462,6 +509,12 @@ def main(argv: list[str] | None = None) -> None:
     device = info.device
     if info.is_main:
         save_config(config, args.run)
+        # A resumed run is unfinished until finish() writes these again: outputs of an
+        # earlier, shorter finish must not pass for this run's (export, benchmark).
+        for name in ("summary.json", "predictions.csv"):
+            (args.run / name).unlink(missing_ok=True)
+        for path in args.run.glob("classifier_*.safetensors"):
+            path.unlink()
     set_determinism(config, device)
 
     # Data and splits by patient.
@@ -552,7 +605,8 @@ def main(argv: list[str] | None = None) -> None:
     model = distributed.unwrap(model)  # every rank lets go of the wrapper before close()
     if info.is_main:
         registry.load_weights(model, args.run / "best_model.safetensors")
-        finish(model, data, labels, rows, config, args.run, device, state, pipeline_cps)
+        finish(model, data, labels, rows, config, args.run, device, state, pipeline_cps,
+               args.set)
     distributed.close(info)
 
 
@@ -561,8 +615,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def finish(model: torch.nn.Module, data: dict, labels: np.ndarray, rows: dict,
            config: dict, run_dir: Path, device: torch.device, state: dict,
-           pipeline_cps: float) -> None:
-    """Score validation and test, calibrate, choose the threshold, write the outputs."""
+           pipeline_cps: float, overrides: list[str] | None = None) -> None:
+    """Score validation and test, calibrate, choose the threshold, write the outputs.
+
+    ``summary.json`` is written last: its presence marks a finished run.
+    """
     y_train = labels[rows["train"]]
     presented = (y_train.sum() * (1 + config["positive_copies"])) / (
         y_train.sum() * (1 + config["positive_copies"]) + (1 - y_train).sum())
@@ -620,7 +677,6 @@ def finish(model: torch.nn.Module, data: dict, labels: np.ndarray, rows: dict,
         "train_cases_per_s": state["cases"] / max(state["seconds"], 1e-9),
         "pipeline_cases_per_s": pipeline_cps, "augmentation_shift": shortcut,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     metadata = {
         "architecture": config["architecture"], "epoch": state["best_epoch"],
         "val_auroc": f"{state['best']:.4f}", "threshold": f"{app_threshold:.6g}",
@@ -629,10 +685,16 @@ def finish(model: torch.nn.Module, data: dict, labels: np.ndarray, rows: dict,
         "train_sides": int(len(y_train)), "train_positives": int(y_train.sum()),
         "val_sides": int(len(rows["validation"])),
         "val_positives": int(labels[rows["validation"]].sum()),
-        "config": config["config_file"],
+        "config": config["config_file"], "config_overrides": " ".join(overrides or []),
+        "device": (f"{torch.cuda.get_device_name(device)} x {distributed_world_size()}"
+                   if device.type == "cuda"
+                   else f"CPU, {torch.get_num_threads()} threads x {distributed_world_size()} "
+                   "process(es)"),
     }
     registry.save_weights(model, run_dir / f"classifier_{config['architecture']}.safetensors",
                           metadata, fp16=False)
+    (run_dir / "summary.tmp.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "summary.tmp.json").replace(run_dir / "summary.json")
     logger.info("saved: %s", metadata)
 
 
