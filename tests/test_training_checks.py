@@ -159,10 +159,13 @@ def test_benchmark_table_refuses_runs_on_other_splits(tmp_path):
 def test_every_shipped_config_passes_the_checks():
     from training.config import CONFIG_DIR, load_config, validate
 
+    from training.train_landmark import validate_landmark
+
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        if path.stem in ("classifier_base",) or path.stem.startswith("landmark"):
-            continue
-        validate(load_config(path.stem, base="classifier_base"), "classifier_base")
+        if path.stem.startswith("landmark"):
+            validate_landmark(load_config(path.stem))
+        elif path.stem != "classifier_base":
+            validate(load_config(path.stem, base="classifier_base"), "classifier_base")
 
 
 def test_resume_from_the_runs_own_config(crops, tiny_net, tmp_path):
