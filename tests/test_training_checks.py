@@ -44,6 +44,7 @@ def rewrite(source: Path, folder: Path, **changes) -> Path:
     ("batch_size=0", "batch_size must be a whole number >= 1"),
     ("architecture=vgg", "architecture must be one of"),
     ("seed=abc", "seed must be a whole number"),
+    ("seed=-1", "seed must be a whole number >= 0, got -1"),
     ("amp=maybe", "amp must be true or false"),
     ("augment_translate_voxels=5", "augment_translate_voxels must be a list of three"),
     ("augment_rotate_deg=-5", "augment_rotate_deg must be a number >= 0"),
@@ -227,6 +228,7 @@ def test_more_bad_values_are_refused(crops, tmp_path, capsys, setting, message):
     ("scalar_case_id", "'case_id' must be one value per side"),
     ("implant_text", "implant must be true/false"),
     ("all_implants", "every side in"),
+    ("single_array", "is a single array, not a NumPy .npz archive"),
 ])
 def test_unreadable_or_odd_crops_are_refused(crops, tmp_path, capsys, damage, message):
     bad = tmp_path / "bad"
@@ -244,6 +246,9 @@ def test_unreadable_or_odd_crops_are_refused(crops, tmp_path, capsys, damage, me
         rewrite(crops, bad, case_id=np.array(3))
     elif damage == "implant_text":
         rewrite(crops, bad, implant=np.array(["no"] * n))
+    elif damage == "single_array":
+        with open(bad / "crops.npz", "wb") as handle:
+            np.save(handle, np.zeros((n, 64, 64, 32), np.uint8))
     else:
         rewrite(crops, bad, implant=np.ones(n, bool))
     err = refused(capsys, bad, tmp_path / "run")

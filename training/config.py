@@ -132,8 +132,9 @@ def validate(config: dict, base: str) -> None:
     if config.get("architecture") not in CLASSIFIERS:
         raise ValueError(f"architecture must be one of {list(CLASSIFIERS)}, "
                          f"got {config.get('architecture')!r}")
-    if isinstance(config.get("seed"), bool) or not isinstance(config.get("seed"), int):
-        raise ValueError(f"seed must be a whole number, got {config.get('seed')!r}")
+    seed = config.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
     for key in ("amp", "cudnn_benchmark", "augment_all_classes", "augment_acquisition"):
         if not isinstance(config.get(key), bool):
             raise ValueError(f"{key} must be true or false, got {config.get(key)!r}")

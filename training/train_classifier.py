@@ -66,6 +66,28 @@ TRUTH_FIELDS = ("true_risk", "lesion_kind", "lesion_place", "size_ratio",
 # --- Data -----------------------------------------------------------------------------
 
 
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive, or a ValueError saying why there are none."""
+    try:
+        loaded = np.load(path)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable NumPy .npz archive "
+                         f"({type(error).__name__}: empty, truncated or another format)"
+                         ) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single array, not a NumPy .npz archive of the "
+                         "arrays of training/prepare.py")
+    try:
+        with loaded as data:
+            return {k: data[k] for k in data.files}
+    except ValueError:  # object arrays need allow_pickle, which is never given
+        raise ValueError(f"{path} holds Python objects (pickled arrays); save plain "
+                         "arrays of numbers and strings (np.savez)") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable NumPy .npz archive "
+                         f"({type(error).__name__}: truncated or damaged)") from None
+
+
 def load_crops(data_dir: Path) -> dict[str, np.ndarray]:
     """Arrays of ``crops.npz`` without implanted sides; older caches get defaults.
 
@@ -76,22 +98,7 @@ def load_crops(data_dir: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"no crops.npz in {data_dir}: make it with training.prepare "
                          "or lay out your own (training/prepare.py, CROP_FIELDS)")
-    try:
-        with np.load(path) as data:
-            arrays = {k: data[k] for k in data.files}
-    except ValueError as error:
-        if "pickle" not in str(error):
-            raise ValueError(f"{path} is not a NumPy .npz archive of arrays "
-                             f"({error})") from None
-        raise ValueError(f"{path} holds Python objects (pickled arrays); save plain "
-                         "arrays of numbers and strings (np.savez)") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path} is not a readable NumPy .npz archive "
-                         f"({type(error).__name__}: empty, truncated or another format)"
-                         ) from None
-    if not isinstance(arrays, dict):
-        raise ValueError(f"{path} is a single array, not a NumPy .npz archive of the "
-                         "arrays of training/prepare.py")
+    arrays = _read_npz(path)
     arrays.setdefault("label", arrays.get("labels"))
     check_crops(arrays)
     if not len(arrays["inputs"]):

@@ -115,8 +115,9 @@ def validate_landmark(config: dict) -> None:
             and all(_is_number(w) and w >= 0 for w in weights) and sum(weights) > 0):
         raise ValueError("class_weights must be a list of three finite numbers >= 0, not "
                          f"all 0 (background, AIIS, femoral head), got {weights!r}")
-    if isinstance(config["seed"], bool) or not isinstance(config["seed"], int):
-        raise ValueError(f"seed must be a whole number, got {config['seed']!r}")
+    seed = config["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
     if not isinstance(config["data"], str) or not config["data"]:
         raise ValueError("data must be the path of a training.prepare output folder, "
                          f"got {config['data']!r}")
