@@ -272,12 +272,34 @@ def test_resume_reads_the_runs_config_and_unfinishes_the_run(crops, tiny_net, tm
     # No --config and no --set data=...: --resume takes the run's own config.yaml. An
     # interruption before the new finish leaves no output of the earlier, shorter run.
     monkeypatch.setattr(train_classifier, "finish", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match=f"continue with: .* --run {tmp_path / 'run'} --resume"):
         train_classifier.main(["--run", str(tmp_path / "run"), "--device", "cpu",
                                "--resume", "--set", "epochs=2"])
     assert not any((tmp_path / "run" / name).exists() for name in finished)
     epochs = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
     assert [line.split(",")[0] for line in epochs] == ["1", "2"]
+    # Finished after all, the run still says how it was first made.
+    from tests.test_training import TinyNet
+
+    monkeypatch.undo()  # also undid tiny_net: set it again
+    monkeypatch.setattr(train_classifier.registry, "build_classifier", lambda name: TinyNet())
+    train_classifier.main(["--run", str(tmp_path / "run"), "--device", "cpu", "--resume"])
+    from femurrisk import registry
+
+    meta = registry.read_metadata(tmp_path / "run" / "classifier_densenet121.safetensors")
+    assert meta["config"].endswith("densenet121_quick.yaml")
+    assert meta["config_overrides"].startswith(f"data={crops} ")
+    assert meta["config_overrides"].endswith(" epochs=1 epochs=2")
+
+
+def test_an_interrupt_before_any_checkpoint_says_to_start_again(crops, tiny_net, tmp_path,
+                                                               monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_classifier, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit, match="nothing to resume; start the run again"):
+        run(crops, tmp_path / "run", "epochs=1")
 
 
 def _fake_runs(tmp_path: Path, crops: Path, overrides: str = "") -> tuple[Path, Path]:
@@ -353,8 +375,27 @@ def test_benchmark_table_names_what_the_runs_are(crops, tiny_net, tmp_path, caps
     for argv, message in (
             (["table", "--models", "vgg"], "invalid choice: 'vgg'"),
             (["table", "--bootstrap", "5"], "--bootstrap must be at least 100"),
-            (["run", "--preset", "nonsense"], "--preset must be one with a config per model")):
+            (["run", "--preset", "nonsense"], "--preset must be one with a config per model"),
+            (["table", "--preset", "quick"], "--preset is for run"),
+            (["table", "--models", "swin"], "no finished runs (summary.json)")):
         with pytest.raises(SystemExit) as exit_info:
             benchmark.main([*argv, "--runs", str(classifier.parent), "--out", str(out)])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_augmented_and_plain_presentations_batch_together_after_monai_data_import():
+    """MONAI's collate (registered when monai.data is imported, as the landmark trainer
+    does) fails on a batch mixing a MetaTensor with plain tensors: both kinds of
+    presentation must be plain tensors."""
+    import monai.data  # noqa: F401 - registers MONAI's collate for MetaTensor
+    from torch.utils.data import default_collate
+
+    from training.augment import augmented, to_tensor, training_transform
+    from training.config import load_config
+
+    volume = np.random.default_rng(0).integers(0, 255, (64, 64, 32), dtype=np.uint8)
+    copy = augmented(volume, training_transform(load_config("classifier_base")), 3)
+    assert type(copy) is torch.Tensor
+    for batch in ([copy, to_tensor(volume)], [to_tensor(volume), copy]):
+        assert default_collate(batch).shape == (2, 1, 64, 64, 32)

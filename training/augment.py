@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose, Identity, OneOf, RandAffine, RandGaussianNoise, RandGaussianSharpen,
     RandGaussianSmooth, RandShiftIntensity,
@@ -87,7 +88,10 @@ def augmented(volume_u8: np.ndarray, transform, seed: int) -> torch.Tensor:
     """One augmented copy (1, x, y, z), reproducible from ``seed``."""
     transform.set_random_state(seed)
     out = transform(to_tensor(volume_u8))
-    return torch.as_tensor(out).float().clamp_(0.0, 1.0)
+    # A plain tensor, like to_tensor's: once monai.data is imported, batches that mix a
+    # MetaTensor with plain tensors fail in MONAI's collate ("no attribute 'meta'").
+    out = out.as_tensor() if isinstance(out, MetaTensor) else torch.as_tensor(out)
+    return out.float().clamp_(0.0, 1.0)
 
 
 @torch.no_grad()

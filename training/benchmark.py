@@ -290,8 +290,9 @@ def preset_of(runs: list[Path]) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("run", "table"))
-    parser.add_argument("--preset", default="quick",
-                        help="config suffix: quick, paper (run only)")
+    parser.add_argument("--preset", default=None,
+                        help="config suffix: quick (default), paper; run only: the table "
+                        "names the preset from the runs")
     parser.add_argument("--runs", type=Path, required=True, help="folder of the runs")
     parser.add_argument("--out", type=Path, required=True, help="output path, no suffix")
     parser.add_argument("--models", nargs="*", default=list(CLASSIFIERS),
@@ -306,13 +307,18 @@ def main(argv: list[str] | None = None) -> None:
     for path in (args.out.parent, args.runs):
         if path.exists() and not path.is_dir():
             parser.error(f"{path} must be a folder, but it is a file")
+    if args.command == "table" and args.preset is not None:
+        parser.error("--preset is for run; table reads how each run was made from its "
+                     "folder")
+    args.preset = args.preset or "quick"
     if args.command == "run":
         try:
             configs = [load_config(f"{n}_{args.preset}", base="classifier_base")
                        for n in args.models]
         except ValueError:
-            known = sorted({p.stem.split("_", 1)[1] for p in CONFIG_DIR.glob("*_*.yaml")
-                            if p.stem.split("_", 1)[0] in CLASSIFIERS})
+            suffixes = {p.stem.split("_", 1)[1] for p in CONFIG_DIR.glob("*_*.yaml")}
+            known = sorted(x for x in suffixes
+                           if all((CONFIG_DIR / f"{m}_{x}.yaml").is_file() for m in CLASSIFIERS))
             parser.error(f"--preset must be one with a config per model "
                          f"(<model>_<preset>.yaml), one of {known}; got {args.preset!r}")
         for config in configs:
@@ -332,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
                                  "command again to resume it")
     runs = [args.runs / n for n in args.models if (args.runs / n / "summary.json").is_file()]
     if not runs:
-        raise SystemExit(f"no finished runs (summary.json) under {args.runs}")
+        parser.error(f"no finished runs (summary.json) under {args.runs} for "
+                     f"{', '.join(args.models)}; an interrupted run is finished by "
+                     "`benchmark run` or `train_classifier --run DIR --resume`")
     preset = preset_of(runs)
     title = (f"femurrisk benchmark, {preset} preset" if preset
              else f"femurrisk benchmark, runs under {args.runs}")

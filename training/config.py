@@ -75,7 +75,10 @@ def load_config(name_or_path: str, overrides: list[str] | None = None,
             config[key] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ValueError(f"override {item!r}: the value is not valid YAML") from None
-    config["config_file"] = str(path)
+    # Provenance: the config file named and the --set values given. A run's saved
+    # config.yaml carries both, so resuming from it keeps how the run was first made.
+    config.setdefault("config_file", str(path))
+    config["config_overrides"] = [*config.get("config_overrides", []), *(overrides or [])]
     return config
 
 
@@ -110,7 +113,7 @@ def validate(config: dict, base: str) -> None:
     Raises:
         ValueError: Naming the key, the value and what is expected.
     """
-    known = set(_read(_path(base))) | {"config_file"}
+    known = set(_read(_path(base))) | {"config_file", "config_overrides"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known keys are those of "

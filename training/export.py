@@ -63,7 +63,7 @@ def _run_data(run: Path) -> tuple[Path | None, dict | None, dict]:
     return data, record, config
 
 
-def describe_training_data(run: Path) -> str:
+def describe_training_data(run: Path, what: str = "crops") -> str:
     """What a run was trained on, from its config and the data's prepare.json.
 
     Data made by :mod:`training.prepare` is synthetic and says how it was made;
@@ -73,7 +73,7 @@ def describe_training_data(run: Path) -> str:
     if data is None:
         return "unknown (the run has no readable config.yaml)"
     if record is None:
-        return f"crops in {data} (not made by training.prepare, or made before prepare.json)"
+        return f"{what} in {data} (not made by training.prepare, or made before prepare.json)"
     return (f"femurrisk synthetic cohort ({record['generator']}, seed {record['seed']}): "
             f"`{record['command']}`")
 
@@ -129,8 +129,10 @@ def training_commands(classifier_run: Path, landmark_run: Path) -> str:
         command = ["python", "-m", f"training.{module}", "--config",
                    str(_relative_config({"config": config.get("config_file", "?")})["config"]),
                    "--run", str(run)]
-        weights = sorted(run.glob("classifier_*.safetensors")) if module == "train_classifier" else []
-        overrides = read_metadata(weights[0]).get("config_overrides", "") if weights else ""
+        weights = sorted(run.glob("classifier_*.safetensors" if module == "train_classifier"
+                                  else "landmark_unet.safetensors"))
+        overrides = (" ".join(config.get("config_overrides", []))
+                     or (read_metadata(weights[0]).get("config_overrides", "") if weights else ""))
         lines.append(shlex.join(command) + (f" --set {overrides}" if overrides else ""))
     lines.append(shlex.join(["python", "-m", "training.export", "--classifier-run",
                              str(classifier_run), "--landmark-run", str(landmark_run)]))
@@ -203,7 +205,8 @@ def _export(classifier_run: Path, landmark_run: Path, assets: Path, extra: dict,
     unet = registry.build_landmark_unet()
     registry.load_weights(unet, landmark_run / "landmark_unet.safetensors")
     # --trained-on describes the classifier's data; the U-Net's comes from its own run.
-    landmark_extra = {**extra, "trained_on": describe_training_data(landmark_run)}
+    landmark_extra = {**extra, "trained_on": describe_training_data(landmark_run,
+                                                                    "landmark samples")}
     landmark_meta = _relative_config({**landmark_meta, **landmark_extra})
     registry.save_weights(unet, assets / "landmark_unet.safetensors", landmark_meta, fp16=False)
 

@@ -298,5 +298,7 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        raise SystemExit("interrupted; crops.npz and manifest.csv are written whole at the "
-                         "end, so this run left none: start it again") from None
+        raise SystemExit("interrupted; crops.npz, manifest.csv and prepare.json are written "
+                         "whole at the end, so this run left none, but landmark samples "
+                         "made so far stay in OUT/landmark: delete OUT and start again"
+                         ) from None

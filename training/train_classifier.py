@@ -158,7 +158,8 @@ def check_splits(rows: dict[str, np.ndarray], labels: np.ndarray) -> None:
 
 
 #: Config keys that may change when a run is resumed.
-RESUMABLE_CHANGES = {"epochs", "eval_batch_size", "num_workers", "config_file"}
+RESUMABLE_CHANGES = {"epochs", "eval_batch_size", "num_workers", "config_file",
+                     "config_overrides"}
 
 
 def check_run_folder(run_dir: Path, config: dict, resume: bool) -> None:
@@ -512,6 +513,19 @@ def main(argv: list[str] | None = None) -> None:
             lock = lock_run_folder(args.run)  # noqa: F841 - held until the process ends
     except ValueError as error:
         parser.error(str(error))
+    try:
+        train(args, config, data, labels, rows, requested_device)
+    except KeyboardInterrupt:
+        if (args.run / "checkpoint_last.safetensors").is_file():
+            raise SystemExit(f"interrupted; continue with: python -m training.train_classifier "
+                             f"--run {args.run} --resume") from None
+        raise SystemExit("interrupted in the first epoch, before any checkpoint: nothing to "
+                         "resume; start the run again with the same command") from None
+
+
+def train(args: argparse.Namespace, config: dict, data: dict, labels: np.ndarray,
+          rows: dict, requested_device: torch.device) -> None:
+    """Train, keep the selected epoch and finish the run (after main's checks)."""
     info = distributed.init(requested_device)
     device = info.device
     if info.is_main:
@@ -527,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     # Data and splits by patient.
     rows["test"] = subsample_patients(rows["test"], data["patient_id"],
                                       config["max_test_patients"], config["seed"])
-    for name, index in rows.items():
+    for name, index in rows.items() if info.is_main else ():
         logger.info("%s: %d sides (%d positive) of %d patients", name, len(index),
                     labels[index].sum(), len(np.unique(data["patient_id"][index])))
 
@@ -612,8 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     model = distributed.unwrap(model)  # every rank lets go of the wrapper before close()
     if info.is_main:
         registry.load_weights(model, args.run / "best_model.safetensors")
-        finish(model, data, labels, rows, config, args.run, device, state, pipeline_cps,
-               args.set)
+        finish(model, data, labels, rows, config, args.run, device, state, pipeline_cps)
     distributed.close(info)
 
 
@@ -622,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def finish(model: torch.nn.Module, data: dict, labels: np.ndarray, rows: dict,
            config: dict, run_dir: Path, device: torch.device, state: dict,
-           pipeline_cps: float, overrides: list[str] | None = None) -> None:
+           pipeline_cps: float) -> None:
     """Score validation and test, calibrate, choose the threshold, write the outputs.
 
     ``summary.json`` is written last: its presence marks a finished run.
@@ -692,7 +705,8 @@ def finish(model: torch.nn.Module, data: dict, labels: np.ndarray, rows: dict,
         "train_sides": int(len(y_train)), "train_positives": int(y_train.sum()),
         "val_sides": int(len(rows["validation"])),
         "val_positives": int(labels[rows["validation"]].sum()),
-        "config": config["config_file"], "config_overrides": " ".join(overrides or []),
+        "config": config["config_file"],
+        "config_overrides": " ".join(config.get("config_overrides", [])),
         "device": (f"{torch.cuda.get_device_name(device)} x {distributed_world_size()}"
                    if device.type == "cuda"
                    else f"CPU, {torch.get_num_threads()} threads x {distributed_world_size()} "

@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
                             "step": step, "val_mae_mm": f"{mae:.2f}",
                             "val_mae_slices": f"{mae / g.CROP_SLICE_SPACING_MM:.2f}",
                             "val_within_6mm": f"{within:.3f}", "config": config["config_file"],
+                            "config_overrides": " ".join(config.get("config_overrides", [])),
                         }, fp16=False)
                 if step >= config["iterations"]:
                     break
