@@ -78,7 +78,11 @@ def load_config(name_or_path: str, overrides: list[str] | None = None,
     # Provenance: the config file named and the --set values given. A run's saved
     # config.yaml carries both, so resuming from it keeps how the run was first made.
     config.setdefault("config_file", str(path))
-    config["config_overrides"] = [*config.get("config_overrides", []), *(overrides or [])]
+    earlier = config.get("config_overrides", [])
+    if not isinstance(earlier, list) or not all(isinstance(x, str) for x in earlier):
+        raise ValueError(f"config_overrides in {path} must be a list of key=value strings "
+                         f"(as a run's config.yaml records them), got {earlier!r}")
+    config["config_overrides"] = [*earlier, *(overrides or [])]
     return config
 
 

@@ -129,11 +129,8 @@ def training_commands(classifier_run: Path, landmark_run: Path) -> str:
         command = ["python", "-m", f"training.{module}", "--config",
                    str(_relative_config({"config": config.get("config_file", "?")})["config"]),
                    "--run", str(run)]
-        weights = sorted(run.glob("classifier_*.safetensors" if module == "train_classifier"
-                                  else "landmark_unet.safetensors"))
-        overrides = (" ".join(config.get("config_overrides", []))
-                     or (read_metadata(weights[0]).get("config_overrides", "") if weights else ""))
-        lines.append(shlex.join(command) + (f" --set {overrides}" if overrides else ""))
+        overrides = config.get("config_overrides") or []  # the --set values, as given
+        lines.append(shlex.join([*command, *(["--set", *overrides] if overrides else [])]))
     lines.append(shlex.join(["python", "-m", "training.export", "--classifier-run",
                              str(classifier_run), "--landmark-run", str(landmark_run)]))
     return ("Commands (from the repository root; each run folder also holds its resolved "

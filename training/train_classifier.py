@@ -499,15 +499,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(args.config, args.set, base="classifier_base")
         validate(config, "classifier_base")
-        if args.resume:  # a changed config is named before the data are read
-            check_run_folder(args.run, config, args.resume)
+        check_run_folder(args.run, config, args.resume)  # before the data are read
         data = load_crops(Path(config["data"]))
         labels = data["label"].astype(np.int64)
         split = dataset_splits(data, labels, config)
         rows = {name: np.nonzero(split == name)[0]
                 for name in ("train", "validation", "test")}
         check_splits(rows, labels)
-        check_run_folder(args.run, config, args.resume)
         requested_device = registry.choose_device(args.device)
         if int(os.environ.get("RANK", "0")) == 0:
             lock = lock_run_folder(args.run)  # noqa: F841 - held until the process ends
